@@ -1,0 +1,117 @@
+"""ModelConfig: every ablation axis of the paper, validated once, plus size presets."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+RESIDUALS = ("additive", "ddl", "write_only")
+MAPS = ("k", "v")
+COMPRESSORS = ("cc", "tc")
+COMPRESSOR_ALIASES = {"ec": "tc"}  # "EC along tokens", an earlier revision's name for tc
+EXPANDS = ("conv", "repeat")
+VALUE_SOURCES = ("context", "state")
+VALUE_SQUASHES = ("none", "sigmoid")
+
+# The paper's sizes (spec "Backbone") and a CPU-sized default.
+PRESETS: dict[str, dict[str, int]] = {
+    "tiny": dict(n_layer=4, n_head=4, head_dim=32, d_model=128, vocab_size=256, block_size=128),
+    "small": dict(n_layer=12, n_head=6, head_dim=128, d_model=768, vocab_size=50304, block_size=1024),
+    "medium": dict(n_layer=24, n_head=8, head_dim=128, d_model=1024, vocab_size=50304, block_size=1024),
+}
+
+
+@dataclass
+class ModelConfig:
+    # residual rule and state (spec §1-§6)
+    residual: str = "ddl"
+    dv: int = 1
+    map: str = "k"
+    compressor: str = "cc"
+    expand: str = "conv"
+    conv_kernel: int = 4  # token-conv kernel of `tc` and of `conv` expansion
+    # gate β = β_max·σ(·); β starts at beta_init for every token
+    beta_max: float = 2.0
+    beta_init: float = 1.0
+    beta_hidden: int = 0
+    # value branch: the paper text reads v from the normalised context, unbounded;
+    # the reference code reads the un-normalised state and bounds it (scale·σ)
+    value_source: str = "context"
+    value_squash: str = "none"
+    value_scale: float = 4.0
+    k_eps: float = 1e-5
+    # backbone
+    n_layer: int = 4
+    n_head: int = 4
+    head_dim: int = 32
+    d_model: int = 128
+    vocab_size: int = 256
+    block_size: int = 128
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        self.compressor = COMPRESSOR_ALIASES.get(self.compressor, self.compressor)
+        errors = self.problems()
+        if errors:
+            raise ValueError("invalid ModelConfig:\n  " + "\n  ".join(errors))
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> ModelConfig:
+        if name not in PRESETS:
+            raise ValueError(f"model preset: got {name!r}, allowed: {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def problems(self) -> list[str]:
+        """Every invalid field at once, each naming the value and what is allowed."""
+        errs: list[str] = []
+
+        def choice(name: str, allowed: tuple[str, ...], extra: str = "") -> None:
+            value = getattr(self, name)
+            if value not in allowed:
+                errs.append(f"{name}: got {value!r}, allowed: {' | '.join(allowed)}{extra}")
+
+        def integer(name: str, low: int) -> bool:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                errs.append(f"{name}: got {value!r}, allowed: an integer >= {low}")
+                return False
+            return True
+
+        choice("residual", RESIDUALS)
+        choice("map", MAPS)
+        choice("compressor", COMPRESSORS, " (ec is an alias of tc)")
+        choice("expand", EXPANDS)
+        choice("value_source", VALUE_SOURCES)
+        choice("value_squash", VALUE_SQUASHES)
+        integer("dv", 1)
+        integer("conv_kernel", 1)
+        integer("beta_hidden", 0)
+        ok = all([integer(n, 1) for n in ("n_layer", "n_head", "head_dim", "d_model", "vocab_size", "block_size")])
+        if not (isinstance(self.beta_max, (int, float)) and 0 < self.beta_max <= 2):
+            errs.append(f"beta_max: got {self.beta_max!r}, allowed: a number in (0, 2] (2: up to reflection, 1: up to projection)")
+        elif not (isinstance(self.beta_init, (int, float)) and 0 < self.beta_init < self.beta_max):
+            errs.append(f"beta_init: got {self.beta_init!r}, allowed: a number in (0, beta_max={self.beta_max}) (open: the gate is a sigmoid)")
+        for name in ("k_eps", "value_scale", "norm_eps", "rope_base"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and value > 0):
+                errs.append(f"{name}: got {value!r}, allowed: a number > 0")
+        if ok:
+            if self.d_model % self.n_head:
+                errs.append(f"n_head: got {self.n_head}, allowed: a divisor of d_model={self.d_model}")
+            elif self.n_head * self.head_dim != self.d_model:
+                errs.append(
+                    f"head_dim: got {self.head_dim}, allowed: d_model/n_head = {self.d_model // self.n_head} "
+                    f"(n_head·head_dim must equal d_model={self.d_model})"
+                )
+            if self.head_dim % 2:
+                errs.append(f"head_dim: got {self.head_dim}, allowed: an even number (RoPE rotates pairs)")
+        return errs
+
+    @property
+    def mlp_hidden(self) -> int:
+        return 8 * self.d_model // 3  # SwiGLU hidden ⌊8d/3⌋

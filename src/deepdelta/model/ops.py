@@ -1,0 +1,54 @@
+"""The DDL math (spec §3-§5) as small pure functions on tensors.
+
+Shapes: a state is ``(..., d, dv)``, a direction ``(..., d)``, a value ``(..., dv)``
+and a gate ``(...)``. Every other part of deepdelta calls these; nothing re-derives them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def gate(logits: Tensor, beta_max: float) -> Tensor:
+    """β = β_max · σ(logits), always evaluated in fp32 (spec §3)."""
+    return beta_max * torch.sigmoid(logits.float())
+
+
+def normalize_key(k: Tensor, k_eps: float = 1e-5) -> Tensor:
+    """k̂ = k / sqrt(‖k‖² + ε²), written as RMSNorm(k, eps=ε²/d)/√d (spec §4).
+
+    The mean-of-squares form cannot overflow in low precision and is exactly the same
+    function; the reduction runs in fp32 and the result keeps ``k``'s dtype.
+    """
+    d = k.shape[-1]
+    k_hat = F.rms_norm(k.float(), (d,), eps=k_eps**2 / d) / math.sqrt(d)
+    return k_hat.to(k.dtype)
+
+
+def read(state: Tensor, k_hat: Tensor) -> Tensor:
+    """k̂ᵀX: the state's content along k̂, one number per value channel ``(..., dv)``."""
+    return torch.einsum("...d,...dv->...v", k_hat.to(state.dtype), state)
+
+
+def discrepancy(state: Tensor, k: Tensor, v: Tensor, k_eps: float = 1e-5) -> Tensor:
+    """e = k̂ᵀX − vᵀ, what a DDL update at β=1 would erase ``(..., dv)``."""
+    return read(state, normalize_key(k, k_eps)) - v
+
+
+def delta_update(state: Tensor, k: Tensor, v: Tensor, beta: Tensor, k_eps: float = 1e-5) -> Tensor:
+    """X + β·k̂(vᵀ − k̂ᵀX): read along k̂, compare with v, write the difference back."""
+    k_hat = normalize_key(k, k_eps).to(state.dtype)
+    error = v.to(state.dtype) - read(state, k_hat)
+    return state + (beta.to(state.dtype)[..., None, None] * k_hat[..., :, None]) * error[..., None, :]
+
+
+def write_only_update(
+    state: Tensor, k: Tensor, v: Tensor, beta: Tensor, k_eps: float = 1e-5
+) -> Tensor:
+    """X + β·k̂vᵀ: the same write with no erase term (the paper's missing control)."""
+    k_hat = normalize_key(k, k_eps).to(state.dtype)
+    return state + (beta.to(state.dtype)[..., None, None] * k_hat[..., :, None]) * v.to(state.dtype)[..., None, :]

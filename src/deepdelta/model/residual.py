@@ -1,0 +1,80 @@
+"""The residual rule of one sublayer: how its output h rewrites the state X (spec §3, §5).
+
+`additive` adds h to every value channel. `ddl` and `write_only` generate a direction k̃,
+a value v and a gate β from the sublayer's context c and output h (k-map or v-map) and
+call the update in `ops`. When `record` is on, the rule keeps the last forward's β, ‖k̃‖,
+k̂ and e_pre = k̂ᵀX − vᵀ (detached); when off it costs nothing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from deepdelta.model import ops
+from deepdelta.model.config import ModelConfig
+
+
+class Gate(nn.Module):
+    """Gate logits from the context, in fp32: one linear map, or W₂ tanh(W₁c + b₁) + b₂."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.hidden = nn.Linear(cfg.d_model, cfg.beta_hidden) if cfg.beta_hidden else None
+        self.out = nn.Linear(cfg.beta_hidden or cfg.d_model, 1)
+        self.bias_init = math.log(cfg.beta_init / (cfg.beta_max - cfg.beta_init))  # logit(β0/β_max)
+
+    def forward(self, c: Tensor) -> Tensor:
+        with torch.autocast(c.device.type, enabled=False):
+            x = c.float()
+            if self.hidden is not None:
+                x = torch.tanh(self.hidden(x))
+            return self.out(x).squeeze(-1)
+
+
+class ResidualRule(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.kind = cfg.residual
+        self.record = False
+        self.last: dict[str, Tensor] = {}
+        if self.kind == "additive":
+            return
+        d = cfg.d_model
+        if cfg.map == "v":
+            self.key = nn.Linear(d, d, bias=False)  # k̃ = W_k c: geometry decoupled from content
+        self.value = nn.Linear(d, cfg.dv, bias=True)
+        self.gate = Gate(cfg)
+
+    def forward(self, state: Tensor, x_in: Tensor, c: Tensor, h: Tensor) -> Tensor:
+        """``state`` (B,T,d,dv), compressed input ``x_in`` and context ``c`` = norm(x_in),
+        sublayer output ``h`` = F(c), all (B,T,d). Returns the new state."""
+        if self.kind == "additive":
+            return state + h[..., None]
+        cfg = self.cfg
+        if cfg.map == "k":
+            k = h
+            v = self.value(c if cfg.value_source == "context" else x_in)
+        else:
+            k = self.key(c)
+            v = self.value(h)
+        if cfg.value_squash == "sigmoid":
+            v = cfg.value_scale * torch.sigmoid(v)
+        beta = ops.gate(self.gate(c), cfg.beta_max)
+        if self.record:
+            self._record(state, k, v, beta)
+        update = ops.delta_update if self.kind == "ddl" else ops.write_only_update
+        return update(state, k, v, beta, cfg.k_eps)
+
+    @torch.no_grad()
+    def _record(self, state: Tensor, k: Tensor, v: Tensor, beta: Tensor) -> None:
+        k_hat = ops.normalize_key(k.float(), self.cfg.k_eps)
+        self.last = {
+            "beta": beta.detach().float(),
+            "k_norm": k.detach().float().norm(dim=-1),
+            "k_hat": k_hat,
+            "e_pre": ops.read(state.float(), k_hat) - v.float(),
+        }

@@ -1,0 +1,69 @@
+"""The expanded residual state X ∈ R^{d×dv}: input expansion and compressors (spec §1).
+
+All token convolutions are causal and depthwise: output t reads inputs t-K+1..t only.
+They are written as K shifted multiply-adds, which stays in the (B, T, ...) layout and
+compiles to one fused kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from deepdelta.model.config import ModelConfig
+
+
+def causal_token_conv(x: Tensor, weight: Tensor) -> Tensor:
+    """y[:, t] = Σ_s weight[..., K-1-s] · x[:, t-s]; ``x`` (B, T, *C), ``weight`` (*C, K)."""
+    K = weight.shape[-1]
+    T = x.shape[1]
+    y = x * weight[..., K - 1]
+    pad = (0, 0) * (x.dim() - 2)
+    for s in range(1, min(K, T)):
+        y = y + F.pad(x[:, : T - s], pad + (s, 0)) * weight[..., K - 1 - s]
+    return y
+
+
+def identity_kernel(*shape: int, K: int) -> Tensor:
+    """A depthwise kernel whose last tap is 1: the convolution starts as the identity."""
+    w = torch.zeros(*shape, K)
+    w[..., -1] = 1.0
+    return w
+
+
+class Expand(nn.Module):
+    """Embedding (B, T, d) → state (B, T, d, dv): `conv` (identity-initialised) or `repeat`."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.dv = cfg.dv
+        self.conv = cfg.dv > 1 and cfg.expand == "conv"
+        if self.conv:
+            self.weight = nn.Parameter(identity_kernel(cfg.d_model, cfg.dv, K=cfg.conv_kernel))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.conv:
+            return causal_token_conv(x[..., None], self.weight)
+        return x[..., None].expand(*x.shape, self.dv).contiguous() if self.dv > 1 else x[..., None]
+
+
+class Compress(nn.Module):
+    """State (B, T, d, dv) → x_in (B, T, d): `cc` channel mixing or `tc` token conv + read."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.dv = cfg.dv
+        self.kind = cfg.compressor if cfg.dv > 1 else "none"
+        if self.kind == "cc":
+            self.mix = nn.Parameter(torch.full((cfg.d_model, cfg.dv), 1.0 / cfg.dv))
+        elif self.kind == "tc":
+            self.weight = nn.Parameter(identity_kernel(cfg.d_model, cfg.dv, K=cfg.conv_kernel))
+            self.read = nn.Parameter(torch.full((cfg.dv,), 1.0 / cfg.dv))
+
+    def forward(self, state: Tensor) -> Tensor:
+        if self.kind == "cc":
+            return (state * self.mix).sum(-1)
+        if self.kind == "tc":
+            return causal_token_conv(state, self.weight) @ self.read.to(state.dtype)
+        return state[..., 0]

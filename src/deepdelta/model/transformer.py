@@ -1,0 +1,170 @@
+"""The backbone: pre-norm RMSNorm, RoPE attention with QK-norm, SwiGLU, tied embeddings.
+
+Each block compresses the state X (B, T, d, dv) to x_in, runs a sublayer on
+c = RMSNorm(x_in), and lets its residual rule rewrite X; attention then MLP, one
+compressor per block shared by both. A final readout compressor feeds the last norm and
+the tied LM head. With residual=additive and dv=1 this is a standard pre-norm Transformer.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from deepdelta.model.config import ModelConfig
+from deepdelta.model.loss import linear_cross_entropy
+from deepdelta.model.residual import Gate, ResidualRule
+from deepdelta.model.state import Compress, Expand
+
+
+def rope_tables(cfg: ModelConfig) -> tuple[Tensor, Tensor]:
+    inv_freq = cfg.rope_base ** (-torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim)
+    angles = torch.outer(torch.arange(cfg.block_size, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()  # (block_size, head_dim/2)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate pairs (x1, x2) = halves of the head dimension; ``x`` (B, T, H, Dh)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
+        self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).unbind(2)
+        q = apply_rope(self.q_norm(q), cos, sin)
+        k = apply_rope(self.k_norm(k), cos, sin)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_up = nn.Linear(cfg.d_model, 2 * cfg.mlp_hidden, bias=False)
+        self.proj = nn.Linear(cfg.mlp_hidden, cfg.d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.proj(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.compress = Compress(cfg)
+        self.norm_attn = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.rule_attn = ResidualRule(cfg)
+        self.norm_mlp = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.mlp = SwiGLU(cfg)
+        self.rule_mlp = ResidualRule(cfg)
+
+    def forward(self, state: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        x_in = self.compress(state)
+        c = self.norm_attn(x_in)
+        state = self.rule_attn(state, x_in, c, self.attn(c, cos, sin))
+        x_in = self.compress(state)
+        c = self.norm_mlp(x_in)
+        return self.rule_mlp(state, x_in, c, self.mlp(c))
+
+
+class DeltaTransformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = cfg = config
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.expand = Expand(cfg)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.readout = Compress(cfg)
+        self.norm_out = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        cos, sin = rope_tables(cfg)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The paper's init: embeddings N(0, 0.02), matrices N(0, 0.5/√d), output
+        projections N(0, 0.5/√d/√L); gates start at β = beta_init for every token."""
+        cfg = self.config
+        std = 0.5 / math.sqrt(cfg.d_model)
+        nn.init.normal_(self.embed.weight, std=0.02)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                scale = 1 / math.sqrt(cfg.n_layer) if name.endswith(("attn.proj", "mlp.proj")) else 1.0
+                nn.init.normal_(module.weight, std=std * scale)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        for module in self.modules():
+            if isinstance(module, Gate):
+                nn.init.zeros_(module.out.weight)
+                nn.init.constant_(module.out.bias, module.bias_init)
+
+    def hidden(self, idx: Tensor) -> Tensor:
+        """Final normalised hidden states (B, T, d), the input of the tied LM head."""
+        T = idx.shape[1]
+        if T > self.config.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size={self.config.block_size}")
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        state = self.expand(self.embed(idx))
+        for block in self.blocks:
+            state = block(state, cos, sin)
+        return self.norm_out(self.readout(state))
+
+    def forward(self, idx: Tensor) -> Tensor:
+        """Logits (B, T, vocab)."""
+        return F.linear(self.hidden(idx), self.embed.weight)
+
+    def loss(self, idx: Tensor, targets: Tensor, chunk: int = 8192) -> Tensor:
+        """Mean next-token cross-entropy without materialising fp32 logits of the batch."""
+        return linear_cross_entropy(self.hidden(idx), self.embed.weight, targets, chunk=chunk)
+
+    # -- probes -------------------------------------------------------------------------
+    def rules(self) -> dict[str, ResidualRule]:
+        """Residual rules by name, ``"{layer}.attn"`` and ``"{layer}.mlp"``."""
+        out = {}
+        for i, block in enumerate(self.blocks):
+            out[f"{i}.attn"], out[f"{i}.mlp"] = block.rule_attn, block.rule_mlp
+        return out
+
+    def set_recording(self, on: bool) -> None:
+        for rule in self.rules().values():
+            rule.record = on
+            if not on:
+                rule.last = {}
+
+    @torch.no_grad()
+    def probe(self, idx: Tensor) -> dict[str, dict[str, Tensor]]:
+        """One forward pass with recording on: per sublayer β (B,T), ‖k̃‖ (B,T), k̂ (B,T,d)
+        and e_pre (B,T,dv). Empty for `additive`, which has no gate."""
+        self.set_recording(True)
+        try:
+            self.hidden(idx)
+            return {name: dict(rule.last) for name, rule in self.rules().items() if rule.last}
+        finally:
+            self.set_recording(False)
+
+    # -- optimisation helpers -------------------------------------------------------------
+    def parameter_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW groups: decay matrices of linear maps and the embedding; no decay on
+        norms, biases (gates' included), compressors and token-conv kernels."""
+        decay = {id(m.weight) for m in self.modules() if isinstance(m, (nn.Linear, nn.Embedding))}
+        params = [p for p in self.parameters() if p.requires_grad]
+        return [
+            {"params": [p for p in params if id(p) in decay], "weight_decay": weight_decay},
+            {"params": [p for p in params if id(p) not in decay], "weight_decay": 0.0},
+        ]
