@@ -1,0 +1,43 @@
+# deepdelta — run `make help` for the list of targets.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+SWEEP   ?= grid
+ARGS    ?=
+export PYTHONUNBUFFERED := 1
+
+.PHONY: help install train sweep test test-all lint format bench data report clean
+help:  ## list targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(BIN)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0 || $(BIN)/pip install -q 'torch>=2.5'  # CPU wheel where one is on disk
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+install: $(BIN)/.installed  ## create .venv and install deepdelta with its dependencies
+
+train: install  ## train the default (tiny DDL on the embedded corpus, CPU); ARGS="key=value ..."
+	$(BIN)/python src/train.py $(ARGS)
+
+sweep: install  ## run the named sweep in sweeps/ (SWEEP=grid by default); ARGS adds overrides
+	$(BIN)/python src/train.py -m sweep=$(SWEEP) $(ARGS)
+
+test: install  ## run the test suite (CPU; GPU tests skip themselves)
+	$(BIN)/python -m pytest -q $(ARGS)
+
+lint: install  ## ruff
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+
+format: install  ## ruff format + autofix
+	$(BIN)/ruff format src tests
+	$(BIN)/ruff check --fix src tests
+
+bench: install  ## time every variant (GPU: paper small shape; CPU: tiny); ARGS passes flags
+	$(BIN)/python -m deepdelta.bench $(ARGS)
+
+clean:  ## remove outputs (not the data cache)
+	rm -rf outputs multirun

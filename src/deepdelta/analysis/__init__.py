@@ -1,0 +1,1 @@
+"""Run and sweep summaries, statistics, figures, reports."""

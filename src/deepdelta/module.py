@@ -1,0 +1,90 @@
+"""The LightningModule: next-token loss, validation metrics, AdamW + warmup/cosine."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from deepdelta.model import DeltaTransformer, ModelConfig, count_parameters, flops_per_token
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """LR multiplier: linear warmup to 1, then cosine decay to ``min_lr_ratio`` at ``total_steps``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class DeltaLM(L.LightningModule):
+    """Wraps a `DeltaTransformer`; ``model`` holds the ModelConfig fields, ``optim`` the
+    optimiser and schedule settings (lr, weight_decay, betas, warmup_steps, min_lr_ratio)."""
+
+    def __init__(self, model: dict[str, Any], optim: dict[str, Any], compile: bool = False):
+        super().__init__()
+        self.save_hyperparameters()
+        self.config = ModelConfig(**model)
+        self.model = DeltaTransformer(self.config)
+        self.optim = dict(optim)
+        self.compile = compile
+        self._loss = self.model.loss
+        self.val_loss = MeanMetric()
+        self.val_answer_acc = MulticlassAccuracy(num_classes=self.config.vocab_size, average="micro")
+        self.tokens_per_step = 0  # set on the first batch: micro-batch tokens × world × accumulation
+        self.flops_per_batch = 0  # read by Lightning's ThroughputMonitor (per device)
+
+    def configure_model(self) -> None:
+        if self.compile and self._loss is self.model.loss:
+            self._loss = torch.compile(self.model.loss)
+
+    @property
+    def parameter_counts(self) -> dict[str, int]:
+        return count_parameters(self.model)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        return self.model(idx)
+
+    def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
+        x, y = batch[0], batch[1]
+        if not self.tokens_per_step:
+            self.flops_per_batch = flops_per_token(self.config, x.shape[1]) * x.numel()
+            self.tokens_per_step = x.numel() * self.trainer.world_size * self.trainer.accumulate_grad_batches
+        loss = self._loss(x, y)
+        step = self.global_step + 1
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/tokens", float(step * self.tokens_per_step))
+        self.log("train/flops", float(step * self.tokens_per_step * flops_per_token(self.config, x.shape[1])))
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
+        x, y = batch[0], batch[1]
+        self.val_loss.update(self.model.loss(x, y), weight=y.numel())
+        if len(batch) > 2:  # synthetic probes: exact-answer accuracy at the answer positions
+            mask = batch[2]
+            logits = F.linear(self.model.hidden(x)[mask], self.model.embed.weight)
+            self.val_answer_acc.update(logits.argmax(-1), y[mask])
+            self.log("val/answer_acc", self.val_answer_acc, on_epoch=True)
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_loss.compute()
+        self.log_dict({"val/loss": loss, "val/ppl": torch.exp(loss)}, prog_bar=True, sync_dist=False)
+        self.val_loss.reset()
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        o = self.optim
+        fused = self.device.type == "cuda"
+        optimizer = torch.optim.AdamW(
+            self.model.parameter_groups(o["weight_decay"]), lr=o["lr"], betas=tuple(o["betas"]), fused=fused
+        )
+        total = self.trainer.max_steps if self.trainer.max_steps > 0 else o.get("total_steps", 1)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: warmup_cosine(s, o["warmup_steps"], total, o["min_lr_ratio"])
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
