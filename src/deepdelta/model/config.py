@@ -31,9 +31,10 @@ class ModelConfig:
     compressor: str = "cc"
     expand: str = "conv"
     conv_kernel: int = 4  # token-conv kernel of `tc` and of `conv` expansion
-    # gate β = β_max·σ(·); β starts at beta_init for every token
+    # gate β = β_max·σ(·); β starts at beta_init for every token (default β_max/2:
+    # 1.0, the paper's β0, for β_max=2)
     beta_max: float = 2.0
-    beta_init: float = 1.0
+    beta_init: float | None = None
     beta_hidden: int = 0
     # value branch: the paper text reads v from the normalised context, unbounded;
     # the reference code reads the un-normalised state and bounds it (scale·σ)
@@ -53,6 +54,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         self.compressor = COMPRESSOR_ALIASES.get(self.compressor, self.compressor)
+        if self.beta_init is None and isinstance(self.beta_max, (int, float)):
+            self.beta_init = self.beta_max / 2
         errors = self.problems()
         if errors:
             raise ValueError("invalid ModelConfig:\n  " + "\n  ".join(errors))
@@ -93,9 +96,20 @@ class ModelConfig:
         integer("beta_hidden", 0)
         ok = all([integer(n, 1) for n in ("n_layer", "n_head", "head_dim", "d_model", "vocab_size", "block_size")])
         if not (isinstance(self.beta_max, (int, float)) and 0 < self.beta_max <= 2):
-            errs.append(f"beta_max: got {self.beta_max!r}, allowed: a number in (0, 2] (2: up to reflection, 1: up to projection)")
+            errs.append(
+                f"beta_max: got {self.beta_max!r}, allowed: a number in (0, 2] "
+                "(2: up to reflection, 1: up to projection)"
+            )
         elif not (isinstance(self.beta_init, (int, float)) and 0 < self.beta_init < self.beta_max):
-            errs.append(f"beta_init: got {self.beta_init!r}, allowed: a number in (0, beta_max={self.beta_max}) (open: the gate is a sigmoid)")
+            errs.append(
+                f"beta_init: got {self.beta_init!r}, allowed: a number in (0, beta_max={self.beta_max}) "
+                "(open: the gate is a sigmoid)"
+            )
+        if self.map == "v" and self.value_source != "context":
+            errs.append(
+                f"value_source: got {self.value_source!r} with map='v', allowed: 'context' "
+                "(a v-map reads v from the sublayer output)"
+            )
         for name in ("k_eps", "value_scale", "norm_eps", "rope_base"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and value > 0):

@@ -13,25 +13,35 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def at_least_fp32(x: Tensor) -> Tensor:
+    """``x`` in fp32 if it is in a lower precision (bf16, fp16); fp32/fp64 unchanged."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def gate(logits: Tensor, beta_max: float) -> Tensor:
-    """β = β_max · σ(logits), always evaluated in fp32 (spec §3)."""
-    return beta_max * torch.sigmoid(logits.float())
+    """β = β_max · σ(logits), evaluated in fp32 (spec §3; fp64 stays fp64)."""
+    return beta_max * torch.sigmoid(at_least_fp32(logits))
 
 
 def normalize_key(k: Tensor, k_eps: float = 1e-5) -> Tensor:
     """k̂ = k / sqrt(‖k‖² + ε²), written as RMSNorm(k, eps=ε²/d)/√d (spec §4).
 
     The mean-of-squares form cannot overflow in low precision and is exactly the same
-    function; the reduction runs in fp32 and the result keeps ``k``'s dtype.
+    function; the reduction runs in fp32 (fp64 for fp64 input) and the result keeps
+    ``k``'s dtype.
     """
     d = k.shape[-1]
-    k_hat = F.rms_norm(k.float(), (d,), eps=k_eps**2 / d) / math.sqrt(d)
+    k_hat = F.rms_norm(at_least_fp32(k), (d,), eps=k_eps**2 / d) / math.sqrt(d)
     return k_hat.to(k.dtype)
 
 
 def read(state: Tensor, k_hat: Tensor) -> Tensor:
-    """k̂ᵀX: the state's content along k̂, one number per value channel ``(..., dv)``."""
-    return torch.einsum("...d,...dv->...v", k_hat.to(state.dtype), state)
+    """k̂ᵀX: the state's content along k̂, one number per value channel ``(..., dv)``.
+
+    Written as a product and a sum (not a batched matmul) so that it runs in the state's
+    dtype even under autocast, and so that torch.compile fuses it with the update.
+    """
+    return (k_hat.to(state.dtype)[..., :, None] * state).sum(-2)
 
 
 def discrepancy(state: Tensor, k: Tensor, v: Tensor, k_eps: float = 1e-5) -> Tensor:
@@ -46,9 +56,7 @@ def delta_update(state: Tensor, k: Tensor, v: Tensor, beta: Tensor, k_eps: float
     return state + (beta.to(state.dtype)[..., None, None] * k_hat[..., :, None]) * error[..., None, :]
 
 
-def write_only_update(
-    state: Tensor, k: Tensor, v: Tensor, beta: Tensor, k_eps: float = 1e-5
-) -> Tensor:
+def write_only_update(state: Tensor, k: Tensor, v: Tensor, beta: Tensor, k_eps: float = 1e-5) -> Tensor:
     """X + β·k̂vᵀ: the same write with no erase term (the paper's missing control)."""
     k_hat = normalize_key(k, k_eps).to(state.dtype)
     return state + (beta.to(state.dtype)[..., None, None] * k_hat[..., :, None]) * v.to(state.dtype)[..., None, :]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deepdelta.model import ops
@@ -27,11 +28,13 @@ class Gate(nn.Module):
         self.bias_init = math.log(cfg.beta_init / (cfg.beta_max - cfg.beta_init))  # logit(β0/β_max)
 
     def forward(self, c: Tensor) -> Tensor:
+        # The weights are cast too, so the gate also runs in fp32 when the model itself
+        # is stored in bf16 (and in fp64 when it is stored in fp64).
         with torch.autocast(c.device.type, enabled=False):
-            x = c.float()
+            x = ops.at_least_fp32(c)
             if self.hidden is not None:
-                x = torch.tanh(self.hidden(x))
-            return self.out(x).squeeze(-1)
+                x = torch.tanh(F.linear(x, self.hidden.weight.to(x.dtype), self.hidden.bias.to(x.dtype)))
+            return F.linear(x, self.out.weight.to(x.dtype), self.out.bias.to(x.dtype)).squeeze(-1)
 
 
 class ResidualRule(nn.Module):

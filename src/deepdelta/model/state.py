@@ -65,5 +65,7 @@ class Compress(nn.Module):
         if self.kind == "cc":
             return (state * self.mix).sum(-1)
         if self.kind == "tc":
-            return causal_token_conv(state, self.weight) @ self.read.to(state.dtype)
+            # a product and a sum, not a matmul: stays in the state's dtype under autocast
+            # and fuses with the convolution under torch.compile
+            return (causal_token_conv(state, self.weight) * self.read).sum(-1)
         return state[..., 0]

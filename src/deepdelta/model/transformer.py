@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from deepdelta.model import ops
 from deepdelta.model.config import ModelConfig
 from deepdelta.model.loss import linear_cross_entropy
 from deepdelta.model.residual import Gate, ResidualRule
@@ -28,7 +29,7 @@ def rope_tables(cfg: ModelConfig) -> tuple[Tensor, Tensor]:
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate pairs (x1, x2) = halves of the head dimension; ``x`` (B, T, H, Dh)."""
-    x1, x2 = x.float().chunk(2, dim=-1)
+    x1, x2 = ops.at_least_fp32(x).chunk(2, dim=-1)
     cos, sin = cos[:, None, :], sin[:, None, :]
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
 
