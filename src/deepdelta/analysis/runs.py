@@ -1,0 +1,222 @@
+"""Read run and sweep directories back: config, metrics, probes, summary; group by seed.
+
+A run directory holds ``.hydra/config.yaml`` and ``overrides.yaml`` (what was asked),
+``csv/metrics.csv`` (every metric), ``probes.csv`` (the mechanism probes, DDL runs) and
+``summary.json``. A sweep directory holds numbered run directories. Runs that differ only
+in ``seed`` form one group; a group's label is the overrides that set it apart.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from omegaconf import OmegaConf
+
+# Config keys that do not change what is trained (where outputs go, how it is logged).
+IGNORED_PREFIXES = ("seed", "data.seed", "paths.", "logger.", "callbacks.", "hydra.", "tags", "project", "ckpt_path")
+IGNORED_KEYS = {"trainer.default_root_dir", "dry_run"}
+# Overrides that never name a configuration (as in conf/hydra/default.yaml's override_dirname).
+IGNORED_OVERRIDES = {"seed", "sweep", "experiment", "debug", "trainer", "logger", "callbacks", "paths", "tags", "project"}
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    if isinstance(tree, list):
+        return {prefix[:-1]: tuple(tree)}
+    return {prefix[:-1]: tree}
+
+
+def metrics_by_step(metrics_csv: Path) -> pd.DataFrame:
+    """Lightning's CSV (one row per log call) folded into one row per training step: the
+    last non-empty value of every column. Validation-loop rows (``validate/*``) are dropped."""
+    if not metrics_csv.exists():
+        return pd.DataFrame()
+    frame = pd.read_csv(metrics_csv)
+    frame = frame.drop(columns=[c for c in frame.columns if c.startswith("validate/")])
+    frame = frame.dropna(how="all", subset=[c for c in frame.columns if c not in ("step", "epoch")])
+    if frame.empty or "step" not in frame:
+        return pd.DataFrame()
+    return frame.groupby("step", sort=True).last().reset_index()
+
+
+@dataclass
+class Run:
+    """One run directory, read lazily."""
+
+    path: Path
+
+    @cached_property
+    def config(self) -> dict[str, Any]:
+        """The composed config as Hydra saved it (interpolations left as written)."""
+        file = self.path / ".hydra" / "config.yaml"
+        return OmegaConf.to_container(OmegaConf.load(file), resolve=False) if file.exists() else {}
+
+    @cached_property
+    def overrides(self) -> list[str]:
+        file = self.path / ".hydra" / "overrides.yaml"
+        return list(OmegaConf.load(file)) if file.exists() else []
+
+    @cached_property
+    def summary(self) -> dict[str, Any]:
+        file = self.path / "summary.json"
+        return json.loads(file.read_text()) if file.exists() else {}
+
+    @cached_property
+    def metrics(self) -> pd.DataFrame:
+        return metrics_by_step(self.path / "csv" / "metrics.csv")
+
+    @cached_property
+    def probes(self) -> pd.DataFrame:
+        """The mechanism probes (one row per step × sublayer); empty for additive runs."""
+        file = self.path / "probes.csv"
+        return pd.read_csv(file) if file.exists() else pd.DataFrame()
+
+    @property
+    def seed(self) -> int:
+        return int(self.config.get("seed", 0))
+
+    @property
+    def residual(self) -> str:
+        return str(self.config.get("model", {}).get("residual", "ddl"))
+
+    @property
+    def beta_max(self) -> float:
+        return float(self.config.get("model", {}).get("beta_max", 2.0))
+
+    @property
+    def status(self) -> str:
+        return str(self.summary.get("status", "unknown"))
+
+    @property
+    def key(self) -> tuple[tuple[str, Any], ...]:
+        """The config minus seed and bookkeeping: equal keys mean the same configuration."""
+        flat = _flatten(self.config)
+        kept = {k: v for k, v in flat.items() if k not in IGNORED_KEYS and not k.startswith(IGNORED_PREFIXES)}
+        return tuple(sorted((k, repr(v)) for k, v in kept.items()))
+
+    @property
+    def named_overrides(self) -> list[str]:
+        """The overrides that name this configuration (no seed, no hydra.*, no logging)."""
+        out = []
+        for item in self.overrides:
+            name = re.split(r"[=@]", item.lstrip("+~"), maxsplit=1)[0]
+            if name.startswith("hydra.") or name.split(".")[0] in IGNORED_OVERRIDES:
+                continue
+            out.append(item)
+        return out
+
+    @property
+    def val_loss(self) -> float:
+        value = self.summary.get("val_loss")
+        if value is None and "val/loss" in self.metrics:
+            value = self.metrics["val/loss"].dropna().iloc[-1]
+        return float(value) if value is not None else math.nan
+
+    @property
+    def params(self) -> float:
+        return float(self.summary.get("params") or math.nan)
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Steady-state training tok/s (ThroughputMonitor's window), else tokens / training time."""
+        value = float(self.summary.get("tok_per_s") or math.nan)
+        if math.isnan(value) and {"train/tokens", "train/time"} <= set(self.metrics.columns):
+            tokens, seconds = self.metrics["train/tokens"].dropna(), self.metrics["train/time"].dropna()
+            if len(tokens) and len(seconds) and seconds.iloc[-1] > 0:
+                value = float(tokens.iloc[-1] / seconds.iloc[-1])
+        return value
+
+    @property
+    def peak_memory_gb(self) -> float:
+        """Peak memory if a callback logged it (``train/peak_mem_gb``), else NaN."""
+        for col in ("train/peak_mem_gb", "peak_mem_gb"):
+            if col in self.metrics and self.metrics[col].notna().any():
+                return float(self.metrics[col].dropna().max())
+        return math.nan
+
+
+@dataclass
+class Group:
+    """Runs of one configuration (several seeds)."""
+
+    label: str
+    runs: list[Run] = field(default_factory=list)
+
+    @property
+    def first(self) -> Run:
+        return self.runs[0]
+
+    @property
+    def residual(self) -> str:
+        return self.first.residual
+
+    @property
+    def has_gate(self) -> bool:
+        return self.residual != "additive"
+
+    @property
+    def seeds(self) -> list[int]:
+        return [r.seed for r in self.runs]
+
+
+def is_run_dir(path: Path) -> bool:
+    return path.is_dir() and ((path / "summary.json").exists() or (path / ".hydra" / "config.yaml").exists())
+
+
+def find_runs(sweep_dir: Path) -> list[Run]:
+    """The run directories of a sweep, in job order (numbered directories first)."""
+    dirs = [p for p in Path(sweep_dir).iterdir() if is_run_dir(p)]
+    dirs.sort(key=lambda p: (0, int(p.name), "") if p.name.isdigit() else (1, 0, p.name))
+    return [Run(p) for p in dirs]
+
+
+def group_runs(runs: list[Run]) -> list[Group]:
+    """Runs that differ only in seed, in order of first appearance, each labelled by the
+    overrides that are not shared by every run (``"default"`` if none)."""
+    by_key: dict[tuple, list[Run]] = {}
+    for run in runs:
+        by_key.setdefault(run.key, []).append(run)
+    shared = set.intersection(*(set(r.named_overrides) for r in runs)) if runs else set()
+    groups = []
+    for members in by_key.values():
+        members.sort(key=lambda r: r.seed)
+        own = [o for o in members[0].named_overrides if o not in shared]
+        groups.append(Group(label=" ".join(own) or " ".join(members[0].named_overrides) or "default", runs=members))
+    _disambiguate(groups)
+    return groups
+
+
+def _disambiguate(groups: list[Group]) -> None:
+    """Same label, different config (e.g. a key set in a config file): append the job."""
+    seen: dict[str, int] = {}
+    for g in groups:
+        seen[g.label] = seen.get(g.label, 0) + 1
+    for g in groups:
+        if seen[g.label] > 1:
+            g.label = f"{g.label} [{g.first.path.name}]"
+
+
+def baseline_for(group: Group, groups: list[Group]) -> Group | None:
+    """The additive group closest to ``group`` in config (fewest differing keys), so DDL
+    dv=4 is compared with additive dv=4 when the sweep has one, else with the additive run."""
+    candidates = [g for g in groups if not g.has_gate]
+    if not candidates:
+        return None
+    mine = dict(group.first.key)
+
+    def distance(g: Group) -> int:
+        theirs = dict(g.first.key)
+        return sum(mine.get(k) != theirs.get(k) for k in set(mine) | set(theirs))
+
+    return min(candidates, key=distance)

@@ -1,0 +1,86 @@
+"""The fast training path: one place that says how a DeltaTransformer trains on a GPU.
+
+What it sets (measured on one H100, see docs/benchmarks.md):
+- bf16 autocast over the forward pass with fp32 master weights (the parameters and the
+  optimiser state stay fp32; the residual state X stays fp32; β is fp32);
+- ``torch.compile`` of ``model.loss`` (whole model and the chunked loss in one graph; the
+  DDL path has no graph breaks), default mode, no CUDA graphs;
+- fused AdamW over ``model.parameter_groups(weight_decay)``;
+- attention through ``F.scaled_dot_product_attention`` (flash kernels for bf16, causal);
+- TF32 stays off: the only fp32 matmuls are the gates' d→1 maps, which the spec keeps in
+  fp32, and they are too small for TF32 to matter.
+
+The LightningModule uses the same functions, so the benchmark and the training runs time
+the same code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+
+def configure_torch() -> None:
+    """Process-wide flags for the fast path (idempotent)."""
+    torch.set_float32_matmul_precision("highest")  # no TF32: the gate logits stay fp32 (spec §3)
+    torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = True  # cuBLAS default
+
+
+def autocast_dtype(device: torch.device | str) -> torch.dtype | None:
+    """bf16 on CUDA; None (plain fp32) on CPU, where bf16 autocast is slow."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else None
+
+
+def compile_model(model: nn.Module, mode: str | None = None, fullgraph: bool = True) -> Callable[..., Tensor]:
+    """Compile ``model.loss`` in place (``model.loss`` becomes the compiled function) and
+    return it. ``fullgraph=True`` turns any graph break into an error."""
+    compiled = torch.compile(model.loss, mode=mode, fullgraph=fullgraph)
+    model.loss = compiled  # instance attribute: shadows the method, state_dict unchanged
+    return compiled
+
+
+def make_optimizer(
+    model: nn.Module,
+    lr: float = 1e-3,
+    weight_decay: float = 0.1,
+    betas: tuple[float, float] = (0.9, 0.95),
+    eps: float = 1e-8,
+) -> torch.optim.AdamW:
+    """AdamW over ``model.parameter_groups``; the fused multi-tensor kernel on CUDA."""
+    fused = next(model.parameters()).is_cuda
+    return torch.optim.AdamW(model.parameter_groups(weight_decay), lr=lr, betas=betas, eps=eps, fused=fused)
+
+
+def make_train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    grad_clip: float | None = 1.0,
+    dtype: torch.dtype | None | str = "auto",
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+) -> Callable[[Tensor, Tensor], Tensor]:
+    """One optimisation step: autocast forward + loss, backward, clip, step, zero_grad.
+
+    ``dtype="auto"`` picks bf16 on CUDA and fp32 on CPU; ``loss_fn(idx, targets)``
+    defaults to ``model.loss`` (compiled if ``compile_model`` ran). Returns the detached
+    loss without synchronising.
+    """
+    device = next(model.parameters()).device
+    if dtype == "auto":
+        dtype = autocast_dtype(device)
+    loss_fn = loss_fn or (lambda idx, targets: model.loss(idx, targets))
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step(idx: Tensor, targets: Tensor) -> Tensor:
+        with torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext():
+            loss = loss_fn(idx, targets)
+        loss.backward()
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=device.type == "cuda")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step

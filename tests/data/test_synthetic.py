@@ -1,0 +1,111 @@
+"""Synthetic overwrite probes: answers checked by an independent interpreter, and the exact-answer metric."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from deepdelta.data import AnswerAccuracy, DataError, SyntheticTask, TokenDataModule
+
+
+def solve(prompt: str) -> str:
+    """Evaluate one example's prompt (everything before the answer) from its text alone."""
+    if "|" in prompt:  # recall: k:v,k:v|q?
+        writes, query = prompt.split("|")
+        store = dict(w.split(":") for w in writes.split(","))
+        return store[query.rstrip("?")]
+    *writes, query = prompt.split(";")  # rebind: a=3;b=a;...;q?
+    env: dict[str, str] = {}
+    for w in writes:
+        var, val = w.split("=")
+        env[var] = env[val] if val.isalpha() else val  # copies take the value at that moment
+    return env[query.rstrip("?")]
+
+
+def spans(mask_row: np.ndarray) -> list[tuple[int, int]]:
+    out, start = [], None
+    for i, m in enumerate([*mask_row.tolist(), False]):
+        if m and start is None:
+            start = i
+        elif not m and start is not None:
+            out.append((start, i))
+            start = None
+    return out
+
+
+@pytest.mark.parametrize("task", ["rebind", "recall", "mix"])
+@pytest.mark.parametrize("num_values", [10, 1000])
+def test_masked_targets_are_the_correct_answers(task, num_values):
+    dm = TokenDataModule(source="synthetic", task=task, num_values=num_values, max_ops=6, block_size=96, batch_size=8)
+    assert dm.vocab_size == 256
+    checked = 0
+    for x, y, mask in [dm.train_dataset().batch(k) for k in range(5)] + list(dm.val_dataloader()):
+        assert x.dtype == y.dtype == torch.int64 and mask.dtype == torch.bool and mask.shape == x.shape
+        assert torch.equal(x[:, 1:], y[:, :-1])
+        for row in range(x.shape[0]):
+            seq = bytes([int(x[row, 0]), *y[row].tolist()]).decode()
+            found = spans(mask[row].numpy())
+            # every whole example has its answer masked (the last one may end exactly at the window's end)
+            assert seq.count("\n") <= len(found) <= seq.count("\n") + 1
+            for s, e in found:
+                a, b = s + 1, e + 1  # target index t is sequence index t + 1
+                line_start = seq.rfind("\n", 0, a) + 1
+                assert seq[a - 1] == "?" and (b == len(seq) or seq[b] == "\n")
+                assert seq[a:b] == solve(seq[line_start : a])
+                checked += 1
+    assert checked > 100
+
+
+def test_rebind_chains_really_require_overwriting():
+    task = SyntheticTask(task="rebind", num_vars=3, min_ops=6, max_ops=8)
+    rng = random.Random(0)
+    lines = [task.line(rng) for _ in range(300)]
+    overwritten = sum(1 for p, _ in lines if sum(w.startswith(p[-2] + "=") for w in p.split(";")[:-1]) > 1)
+    copies = sum(1 for p, _ in lines if any(w.split("=")[1].isalpha() for w in p.split(";")[:-1]))
+    assert overwritten > 150 and copies > 150
+
+
+def test_generation_is_seeded_and_rank_disjoint():
+    a = TokenDataModule(source="synthetic", seed=1, block_size=64, batch_size=4)
+    b = TokenDataModule(source="synthetic", seed=1, block_size=64, batch_size=4)
+    c = TokenDataModule(source="synthetic", seed=2, block_size=64, batch_size=4)
+    assert torch.equal(a.train_dataset().batch(3)[0], b.train_dataset().batch(3)[0])
+    assert not torch.equal(a.train_dataset().batch(3)[0], c.train_dataset().batch(3)[0])
+    r0, r1 = a.train_dataset(0, 2), a.train_dataset(1, 2)
+    assert not set(r0.windows(0)) & set(r1.windows(0))
+    assert torch.equal(r1.batch(0)[0], a.train_dataset().batch(1)[0])
+    # validation does not depend on the training seed
+    assert torch.equal(next(iter(a.val_dataloader()))[0], next(iter(c.val_dataloader()))[0])
+
+
+def test_block_too_small_for_an_example_is_a_clear_error():
+    dm = TokenDataModule(source="synthetic", block_size=16, max_ops=8)
+    with pytest.raises(DataError, match="lower max_ops or raise block_size"):
+        dm.train_dataset()
+    with pytest.raises(DataError, match="unknown synthetic task 'copy'"):
+        TokenDataModule(source="synthetic", task="copy")
+
+
+def test_answer_accuracy_scores_whole_answers():
+    targets = torch.tensor([[5, 1, 2, 9, 7, 3], [4, 4, 8, 8, 6, 6]])
+    mask = torch.tensor([[0, 1, 1, 0, 0, 1], [1, 0, 0, 1, 1, 0]], dtype=torch.bool)  # spans: "12", "3" | "4", "86"
+    metric = AnswerAccuracy()
+    metric.update(targets.clone(), targets, mask)
+    assert metric.compute() == 1.0
+    metric.reset()
+    preds = targets.clone()
+    preds[0, 2] = 0  # breaks the two-token answer "12"
+    preds[1, 1] = 0  # outside every answer: ignored
+    preds[1, 4] = 0  # breaks "86"
+    metric.update(preds, targets, mask)
+    assert metric.compute() == pytest.approx(2 / 4)
+    # logits are accepted; answer at the end of row 0 and the start of row 1 stay separate answers
+    logits = torch.nn.functional.one_hot(targets, 10).float()
+    logits[1, 0] = 0.0
+    logits[1, 0, 1] = 1.0  # wrong first answer of row 1
+    metric.reset()
+    metric.update(logits, targets, mask)
+    assert metric.compute() == pytest.approx(3 / 4)

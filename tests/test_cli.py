@@ -1,0 +1,94 @@
+"""The CLI end to end: real Hydra, real Lightning, real wandb (offline)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+FAST = ["debug=fast", "model.n_layer=2", "data.batch_size=4", "model.block_size=64"]
+
+
+def wandb_summary(run_dir: Path) -> dict:
+    """What W&B recorded for the offline run under ``run_dir`` (via `wandb leet inspect`)."""
+    (wandb_dir,) = (run_dir / "wandb").glob("offline-run-*")
+    assert list(wandb_dir.glob("run-*.wandb")), "no .wandb transaction log"
+    out = subprocess.run(
+        [Path(sys.executable).parent / "wandb", "leet", "inspect", "--summary", "--json", str(wandb_dir)],
+        capture_output=True, text=True, check=True, timeout=120,
+    )  # fmt: skip
+    return json.loads(out.stdout)
+
+
+def test_help_lists_every_group_and_choice(cli):
+    out = cli("--help").stdout
+    groups = {
+        "residual": ["additive", "ddl", "write_only"], "map": ["k", "v"], "compressor": ["cc", "tc", "ec"],
+        "expand": ["conv", "repeat"], "beta": ["reflect", "project"], "model": ["tiny", "small", "medium"],
+        "trainer": ["cpu", "gpu", "ddp"], "data": ["pysource"], "logger": ["wandb", "csv"],
+        "callbacks": ["default"], "experiment": ["paper_small"], "debug": ["fast"], "sweep": ["grid", "paper_six"],
+    }  # fmt: skip
+    for group, choices in groups.items():
+        assert f"{group}: " in out, group
+        line = next(line for line in out.splitlines() if line.startswith(f"{group}: "))
+        for choice in choices:
+            assert choice in line, (group, choice, line)
+
+
+def test_default_run_trains_and_logs(cli, tmp_path):
+    cli(*FAST)
+    run = tmp_path / "run"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "finished"
+    assert summary["tokens"] == 10 * 4 * 64
+    metrics = pd.read_csv(run / "csv" / "metrics.csv")
+    for col in ["train/loss", "val/loss", "val/ppl", "train/tokens", "train/flops", "train/device/items_per_sec"]:
+        assert metrics[col].notna().any(), col
+    assert any(c.startswith("lr-AdamW") for c in metrics.columns)
+    wb = wandb_summary(run)
+    assert wb["state"] == "finished" and wb["config"]["model"]["residual"] == "ddl"
+    assert "beta/1.mlp/mean" in wb["summary"]
+
+
+def test_multirun_two_jobs_one_wandb_run_each(cli, tmp_path):
+    proc = cli(*FAST, "residual=ddl,additive", multirun=True)
+    sweep = tmp_path / "sweep"
+    table = pd.read_csv(sweep / "summary.csv")
+    assert list(table["status"]) == ["finished", "finished"]
+    assert (sweep / "summary.md").exists() and "Sweep summary" in proc.stdout
+    ddl, additive = (wandb_summary(sweep / str(i)) for i in (0, 1))
+    assert ddl["run_id"] != additive["run_id"]
+    assert "residual=ddl" in ddl["name"] and "residual=additive" in additive["name"]
+    assert any(k.startswith("beta/") for k in ddl["summary"])
+    assert not any(k.startswith("beta/") for k in additive["summary"])  # additive has no gate
+
+
+def test_failing_sweep_member_is_recorded_and_others_finish(cli, tmp_path):
+    proc = cli(*FAST, "model.n_head=3,4", multirun=True, check=False)
+    assert proc.returncode != 0
+    table = pd.read_csv(tmp_path / "sweep" / "summary.csv")
+    assert list(table["status"]) == ["failed", "finished"]
+    assert "n_head" in table["error"][0]
+
+
+def test_paper_small_experiment_builds_124m_model(cli):
+    out = cli("experiment=paper_small", "dry_run=true").stdout
+    assert "123.6" in out or "123.7" in out, out  # ~124M parameters, as in the paper
+
+
+def test_bad_value_fails_before_training(cli):
+    proc = cli("dv=0", check=False)
+    assert proc.returncode != 0
+    assert "dv: got 0, allowed: an integer >= 1" in proc.stderr + proc.stdout
+
+
+def test_makefile_sweep_names_exist():
+    for name in ["grid", "paper_six"]:
+        assert (ROOT / "sweeps" / f"{name}.yaml").exists()
