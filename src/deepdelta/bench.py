@@ -100,9 +100,10 @@ def bench_variant(
     warmup: int,
     compile: bool,
     device: torch.device,
-    loss: str = "chunked",
+    loss: str = "model",
     mode: str | None = None,
     profile: Path | None = None,
+    regional: bool = True,
 ) -> dict:
     """Build, compile, warm up and time one variant; returns one table row."""
     torch.manual_seed(0)
@@ -117,7 +118,7 @@ def bench_variant(
         if compile:
             loss_fn = torch.compile(loss_fn, mode=mode, fullgraph=True)
     elif compile:
-        compile_model(model, mode=mode)
+        compile_model(model, mode=mode, regional=regional)
     step = make_train_step(model, optimizer, grad_clip=1.0, loss_fn=loss_fn)
     data = torch.randint(0, cfg.vocab_size, (4, batch, seq + 1), device=device)
     batches = [(d[:, :-1], d[:, 1:]) for d in data]
@@ -231,6 +232,27 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def apply_tune(item: str) -> None:
+    """``inductor.a.b=VALUE`` sets ``torch._inductor.config.a.b``; ``ops.NAME=VALUE`` sets a
+    constant of ``deepdelta.model.ops``. VALUE is a Python literal."""
+    import ast
+
+    import torch._inductor.config as inductor_config
+
+    from deepdelta.model import ops
+
+    key, _, value = item.partition("=")
+    root, *path = key.split(".")
+    obj = {"inductor": inductor_config, "ops": ops}.get(root)
+    if obj is None or not path:
+        raise ValueError(f"--tune: got {item!r}, allowed: inductor.<config>=VALUE or ops.<NAME>=VALUE")
+    for name in path[:-1]:
+        obj = getattr(obj, name)
+    if not hasattr(obj, path[-1]):
+        raise ValueError(f"--tune: {key} does not exist")
+    setattr(obj, path[-1], ast.literal_eval(value))
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m deepdelta.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help="comma-separated variant names")
@@ -241,7 +263,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, help="untimed steps, the first (compiling) one included (default 5 / 1)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="default: on CUDA only")
     p.add_argument("--mode", default=None, help="torch.compile mode (default: the default mode)")
-    p.add_argument("--loss", choices=("chunked", "plain"), default="chunked", help="chunked: model.loss")
+    p.add_argument(
+        "--regional",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="compile block by block (default) or the whole loss in one graph",
+    )
+    p.add_argument("--loss", choices=("model", "plain"), default="model", help="model: model.loss (default)")
+    p.add_argument(
+        "--tune",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set inductor.<config> or ops.<CONSTANT> before building (repeatable), for A/B runs",
+    )
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--out", type=Path, help="also write the rows to this CSV file")
     p.add_argument("--profile", type=Path, help="append a profiler table per variant to this file")
@@ -262,10 +297,13 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     for n in names:
         variant_overrides(n)  # fail early on a bad name
     configure_torch()
+    for item in args.tune:
+        apply_tune(item)
     where = torch.cuda.get_device_name(device) if gpu else "cpu"
     print(
         f"# deepdelta.bench: {where}, torch {torch.__version__}, preset={preset}, batch={batch}, T={seqs}, "
-        f"steps={steps}, warmup={warmup}, compile={do_compile}, loss={args.loss}, "
+        f"steps={steps}, warmup={warmup}, compile={do_compile}, regional={args.regional}, loss={args.loss}, "
+        f"tune={args.tune}, "
         f"dtype={'bf16 autocast' if gpu else 'fp32'}",
         flush=True,
     )
@@ -274,7 +312,18 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         for name in names:
             try:
                 row = bench_variant(
-                    name, preset, batch, seq, steps, warmup, do_compile, device, args.loss, args.mode, args.profile
+                    name,
+                    preset,
+                    batch,
+                    seq,
+                    steps,
+                    warmup,
+                    do_compile,
+                    device,
+                    args.loss,
+                    args.mode,
+                    args.profile,
+                    args.regional,
                 )
             except torch.OutOfMemoryError:
                 row = dict(variant=name, seq=seq, batch=batch, error="OOM")

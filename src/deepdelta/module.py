@@ -39,6 +39,7 @@ class DeltaLM(L.LightningModule):
         self.val_answer_acc = MulticlassAccuracy(num_classes=self.config.vocab_size, average="micro")
         self.tokens_per_step = 0  # set on the first batch: micro-batch tokens × world × accumulation
         self.flops_per_batch = 0  # read by Lightning's ThroughputMonitor (per device)
+        self.last_loss: Tensor | None = None
 
     def configure_model(self) -> None:
         if self.compile and self._loss is self.model.loss:
@@ -57,8 +58,9 @@ class DeltaLM(L.LightningModule):
             self.flops_per_batch = flops_per_token(self.config, x.shape[1]) * x.numel()
             self.tokens_per_step = x.numel() * self.trainer.world_size * self.trainer.accumulate_grad_batches
         loss = self._loss(x, y)
+        self.last_loss = loss.detach()  # read by DivergenceGuard before the optimizer step
         step = self.global_step + 1
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # the global batch's loss under DDP
         self.log("train/tokens", float(step * self.tokens_per_step))
         self.log("train/flops", float(step * self.tokens_per_step * flops_per_token(self.config, x.shape[1])))
         return loss

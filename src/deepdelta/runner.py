@@ -7,13 +7,20 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from deepdelta import validate
 from deepdelta.analysis.summary import run_summary
+from deepdelta.batching import plan_batch
+from deepdelta.callbacks.checkpoint import AtomicCheckpointIO
+from deepdelta.callbacks.faults import fault_callbacks
 from deepdelta.model import ModelConfig, count_parameters, flops_per_token
 from deepdelta.module import DeltaLM
+from deepdelta.rundir import checkpoint_to_resume, wandb_run_id
 
 
 def model_config(cfg: DictConfig) -> ModelConfig:
@@ -21,7 +28,9 @@ def model_config(cfg: DictConfig) -> ModelConfig:
     return ModelConfig(**OmegaConf.to_container(cfg.model, resolve=True))
 
 
-def build_loggers(cfg: DictConfig, run_dir: Path, name: str, group: str | None) -> list[Any]:
+def build_loggers(
+    cfg: DictConfig, run_dir: Path, name: str, group: str | None, resume_id: str | None = None
+) -> list[Any]:
     loggers = []
     for key, conf in (cfg.get("logger") or {}).items():
         extra: dict[str, Any] = {}
@@ -32,6 +41,8 @@ def build_loggers(cfg: DictConfig, run_dir: Path, name: str, group: str | None) 
                 config=OmegaConf.to_container(cfg, resolve=True),
                 dir=str(run_dir),
             )
+            if resume_id:  # a resumed run continues its W&B run
+                extra.update(id=resume_id, resume="allow")
         loggers.append(instantiate(conf, _partial_=True)(**extra))
     return loggers
 
@@ -45,14 +56,14 @@ def run(cfg: DictConfig, run_dir: Path, name: str = "", multirun: bool = False) 
     loggers: list[Any] = []
     trainer: L.Trainer | None = None
     try:
-        model_cfg = model_config(cfg)  # validate before any data or compute
+        model_cfg = validate.check(cfg, run_dir, multirun)  # the whole config, every problem at once
+        ckpt_path = checkpoint_to_resume(cfg, run_dir)
         L.seed_everything(cfg.seed, workers=True)
         datamodule = instantiate(cfg.data)
-        if datamodule.vocab_size > model_cfg.vocab_size:
-            raise ValueError(
-                f"model.vocab_size: got {model_cfg.vocab_size}, allowed: >= {datamodule.vocab_size} "
-                f"(the vocabulary of tokenizer {cfg.data.get('tokenizer')!r})"
-            )
+        if not cfg.dry_run and validate.single_process_launch():  # corpus vs block size, before any compute
+            data_errors = validate.data_problems(datamodule)
+            if data_errors:
+                raise validate.ConfigError(data_errors)
         module = DeltaLM(model=model_cfg.to_dict(), optim=OmegaConf.to_container(cfg.optim), compile=cfg.compile)
         counts = count_parameters(module.model)
         params = counts["total"]
@@ -62,12 +73,34 @@ def run(cfg: DictConfig, run_dir: Path, name: str = "", multirun: bool = False) 
         )
         if cfg.dry_run:
             return None
-        loggers = build_loggers(cfg, run_dir, name, run_dir.parent.name if multirun else None)
-        callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
-        trainer = instantiate(cfg.trainer, logger=loggers, callbacks=callbacks)
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        resume_id = wandb_run_id(run_dir) if ckpt_path and Path(ckpt_path).is_relative_to(run_dir) else None
+        loggers = build_loggers(cfg, run_dir, name, run_dir.parent.name if multirun else None, resume_id)
+        callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+        callbacks += fault_callbacks()  # test-only, from DEEPDELTA_FAULT_* environment variables
+        plugins = [AtomicCheckpointIO(), *(instantiate(p) for p in cfg.trainer.get("plugins") or [])]
+        trainer = instantiate(cfg.trainer, logger=loggers, callbacks=callbacks, plugins=plugins)
+        plan = plan_batch(cfg.get("global_batch"), datamodule.batch_size, trainer.world_size,
+                          trainer.accumulate_grad_batches)  # fmt: skip
+        datamodule.batch_size, trainer.accumulate_grad_batches = plan.micro_batch, plan.accumulate
+        if isinstance(trainer.val_check_interval, int):  # Lightning counts micro-batches; we mean steps
+            trainer.val_check_interval *= plan.accumulate
+        for logger in loggers:
+            logger.log_hyperparams(plan.as_dict())
+        if trainer.is_global_zero:
+            print(f"batch: {plan.global_batch} sequences/step = {plan.world_size} device(s) × "
+                  f"{plan.micro_batch} micro-batch × {plan.accumulate} accumulation")  # fmt: skip
+        if ckpt_path:
+            print(f"resuming from {ckpt_path}")
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         status = "finished"
+    except SIGTERMException as exc:  # preempted: the checkpoint is on disk; exit 0 so it can be requeued
+        status, error = "preempted", str(exc) or f"preempted; resume with: python src/train.py resume={run_dir}"
+        print(error)
+        if multirun:
+            raise  # stop the sweep too: the scheduler wants this process gone
     except BaseException as exc:
+        if getattr(getattr(trainer, "checkpoint_callback", None), "preempted_by", None):
+            status = "preempted"  # e.g. submitit's requeue exit after our step-boundary save
         error = f"{type(exc).__name__}: {exc}"
         raise
     finally:
@@ -77,9 +110,13 @@ def run(cfg: DictConfig, run_dir: Path, name: str = "", multirun: bool = False) 
             import wandb
 
             if wandb.run is not None:  # one W&B run per job, also in a multirun
-                wandb.finish(exit_code=0 if status == "finished" else 1)
+                wandb.finish(exit_code=0 if status in ("finished", "preempted") else 1)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()  # the next job of a multirun starts its own
         if not cfg.dry_run and (trainer is None or trainer.is_global_zero):
             row = run_summary(run_dir, name or "default", status, params, error)
             print(f"run {status}: {run_dir} (val loss {row['val_loss']:.4f})")
+    if trainer is None or status != "finished":
+        return None
     val = trainer.callback_metrics.get("val/loss")
     return None if val is None or math.isnan(float(val)) else float(val)

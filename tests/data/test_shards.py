@@ -139,7 +139,9 @@ def test_gpt2_without_cached_files_or_network_is_a_clear_error(txt_corpus, cache
     monkeypatch.setattr(tok_mod, "url_reachable", lambda url, timeout=5.0: False)
     dm = text_dm([txt_corpus], cache, tokenizer="gpt2")
     assert dm.vocab_size == 50304
-    with pytest.raises(DataError, match=r"tokenizer=gpt2: tiktoken's GPT-2 files .* not in its cache .*TIKTOKEN_CACHE_DIR"):
+    with pytest.raises(
+        DataError, match=r"tokenizer=gpt2: tiktoken's GPT-2 files .* not in its cache .*TIKTOKEN_CACHE_DIR"
+    ):
         dm.prepare_data()
 
 

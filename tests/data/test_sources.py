@@ -91,7 +91,9 @@ def test_empty_documents_only_is_a_clear_error(tmp_path, cache):
 
 def test_missing_text_field_names_the_available_fields(jsonl_file, hf_disk, cache):
     dm = TokenDataModule(source="text", paths=[str(jsonl_file)], text_field="content", cache_dir=str(cache))
-    with pytest.raises(DataError, match=r"text field 'content' not found in .*rows.jsonl; its fields are \['body', 'id'\]"):
+    with pytest.raises(
+        DataError, match=r"text field 'content' not found in .*rows.jsonl; its fields are \['body', 'id'\]"
+    ):
         dm.prepare_data()
     dm = TokenDataModule(source="hf", name=str(hf_disk), text_field="body", cache_dir=str(cache))
     with pytest.raises(DataError, match=r"text field 'body' not found .*its fields are \['text', 'n'\]"):
@@ -113,5 +115,7 @@ def test_unreachable_hub_online_mode_fails_fast(monkeypatch, cache):
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     monkeypatch.setattr(sources_mod, "url_reachable", lambda url, timeout=5.0: False)
     dm = TokenDataModule(source="hf", name="HuggingFaceFW/fineweb-edu", config="sample-10BT", cache_dir=str(cache))
-    with pytest.raises(DataError, match=r"cannot reach the Hugging Face Hub .* 'HuggingFaceFW/fineweb-edu'.*HF_HUB_OFFLINE=1"):
+    with pytest.raises(
+        DataError, match=r"cannot reach the Hugging Face Hub .* 'HuggingFaceFW/fineweb-edu'.*HF_HUB_OFFLINE=1"
+    ):
         dm.prepare_data()

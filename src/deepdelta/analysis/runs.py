@@ -220,3 +220,17 @@ def baseline_for(group: Group, groups: list[Group]) -> Group | None:
         return sum(mine.get(k) != theirs.get(k) for k in set(mine) | set(theirs))
 
     return min(candidates, key=distance)
+
+
+def newest(kind: str, start: Path | None = None) -> Path:
+    """The newest directory under ``outputs/{kind}`` (kind: ``runs`` or ``sweeps``), looked
+    for from ``start`` (default: the working directory) upwards, so a notebook opened in
+    ``notebooks/`` finds the repository's outputs."""
+    start = Path(start or Path.cwd()).resolve()
+    for base in [start, *start.parents]:
+        root = base / "outputs" / kind
+        if root.is_dir():
+            dirs = sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: p.name)
+            if dirs:
+                return dirs[-1]
+    raise FileNotFoundError(f"no outputs/{kind}/* directory above {start}: pass the directory explicitly")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 COLUMNS = [
-    "job", "name", "status", "train_loss", "val_loss", "val_ppl", "params", "tokens", "tok_per_s", "error", "run_dir",
+    "job", "name", "status", "train_loss", "val_loss", "val_ppl", "params", "tokens", "tok_per_s", "error", "log",
+    "run_dir",
 ]  # fmt: skip
 
 
@@ -39,14 +41,23 @@ def run_summary(run_dir: Path, name: str, status: str, params: int, error: str =
         "tokens": m.get("train/tokens", 0.0),
         "tok_per_s": m.get("train/items_per_sec", m.get("train/device/items_per_sec", math.nan)),
         "error": error,
+        "log": str(run_dir / "train.log"),  # Hydra's job log; a failed job's traceback is in it
         "run_dir": str(run_dir),
     }
-    (run_dir / "summary.json").write_text(json.dumps(row, indent=2))
+    tmp = run_dir / ".summary.json.tmp"  # atomic: a kill mid-write must not leave a broken table row
+    tmp.write_text(json.dumps(row, indent=2))
+    os.replace(tmp, run_dir / "summary.json")
     return row
 
 
 def sweep_table(sweep_dir: Path) -> pd.DataFrame:
     rows = [json.loads(p.read_text()) for p in sorted(sweep_dir.glob("*/summary.json"))]
+    # a job killed outright (OOM, SIGKILL) leaves its directory but no summary: list it, not hide it
+    seen = {Path(r["run_dir"]).name for r in rows}
+    for job in sorted(p.parent for p in sweep_dir.glob("*/.hydra")):
+        if job.name not in seen:
+            rows.append({"job": job.name, "status": "killed", "error": "no summary.json: the process died",
+                         "log": str(job / "train.log"), "run_dir": str(job)})  # fmt: skip
     frame = pd.DataFrame(rows, columns=COLUMNS)
     if not frame.empty:
         frame = frame.sort_values("job", key=lambda s: s.map(lambda j: int(j) if str(j).isdigit() else 1 << 30))
@@ -59,8 +70,18 @@ def write_sweep_summary(sweep_dir: Path) -> pd.DataFrame:
     frame.to_csv(sweep_dir / "summary.csv", index=False)
     shown = frame.drop(columns=["run_dir"]).copy()
     shown["error"] = shown["error"].fillna("").astype(str).str.slice(0, 80)
+    shown["log"] = [_relative(p, sweep_dir) for p in shown["log"]]
     (sweep_dir / "summary.md").write_text(shown.to_markdown(index=False, floatfmt=".4g") + "\n")
     return frame
+
+
+def _relative(path: Any, root: Path) -> str:
+    if not isinstance(path, str) or not path:
+        return ""
+    try:
+        return str(Path(path).relative_to(root))
+    except ValueError:
+        return path
 
 
 class SweepSummary(Callback):

@@ -1,6 +1,9 @@
-"""Lightning callbacks: β probes and token throughput."""
+"""Lightning callbacks: mechanism probes (β, k, e_pre), token throughput, peak memory."""
 
-from deepdelta.callbacks.beta import BetaMonitor
+from deepdelta.callbacks.memory import PeakMemory
+from deepdelta.callbacks.probe import MechanismProbe
 from deepdelta.callbacks.throughput import TokenThroughput
 
-__all__ = ["BetaMonitor", "TokenThroughput"]
+BetaMonitor = MechanismProbe  # the former name, for configs and checkpoints that still say it
+
+__all__ = ["BetaMonitor", "MechanismProbe", "PeakMemory", "TokenThroughput"]

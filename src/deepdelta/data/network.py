@@ -5,8 +5,8 @@ from __future__ import annotations
 import contextlib
 import os
 import urllib.error
-from collections.abc import Iterator
 import urllib.request
+from collections.abc import Iterator
 
 PROBE_TIMEOUT_S = float(os.environ.get("DEEPDELTA_PROBE_TIMEOUT", "5"))
 

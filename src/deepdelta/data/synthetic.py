@@ -166,7 +166,9 @@ class SyntheticVal(BatchStream):
         return self.num_batches
 
     def batch(self, k: int):
-        return _stack(self.task, self.block_size, VAL_SEED, self.indices[k * self.batch_size : (k + 1) * self.batch_size])
+        return _stack(
+            self.task, self.block_size, VAL_SEED, self.indices[k * self.batch_size : (k + 1) * self.batch_size]
+        )
 
 
 class AnswerAccuracy(Metric):

@@ -18,6 +18,21 @@ from deepdelta.model import ops
 from deepdelta.model.config import ModelConfig
 
 
+def narrow_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``x @ weight.T + bias`` for a map with at most 8 outputs (the value, the gate), as
+    products and sums in at least fp32. torch.compile fuses these into the row kernel
+    that already reads ``x`` instead of calling a GEMM with N ≤ 8 (a separate pass)."""
+    x = ops.at_least_fp32(x)
+    weight = weight.to(x.dtype)
+    if weight.shape[0] > 8:
+        return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
+    if weight.shape[0] == 1:
+        out = (x * weight[0]).sum(-1, keepdim=True)
+    else:
+        out = torch.stack([(x * w).sum(-1) for w in weight], -1)
+    return out if bias is None else out + bias.to(x.dtype)
+
+
 class Gate(nn.Module):
     """Gate logits from the context, in fp32: one linear map, or W₂ tanh(W₁c + b₁) + b₂."""
 
@@ -34,7 +49,7 @@ class Gate(nn.Module):
             x = ops.at_least_fp32(c)
             if self.hidden is not None:
                 x = torch.tanh(F.linear(x, self.hidden.weight.to(x.dtype), self.hidden.bias.to(x.dtype)))
-            return F.linear(x, self.out.weight.to(x.dtype), self.out.bias.to(x.dtype)).squeeze(-1)
+            return narrow_linear(x, self.out.weight, self.out.bias).squeeze(-1)
 
 
 class ResidualRule(nn.Module):
@@ -60,10 +75,10 @@ class ResidualRule(nn.Module):
         cfg = self.cfg
         if cfg.map == "k":
             k = h
-            v = self.value(c if cfg.value_source == "context" else x_in)
+            v = narrow_linear(c if cfg.value_source == "context" else x_in, self.value.weight, self.value.bias)
         else:
             k = self.key(c)
-            v = self.value(h)
+            v = narrow_linear(h, self.value.weight, self.value.bias)
         if cfg.value_squash == "sigmoid":
             v = cfg.value_scale * torch.sigmoid(v)
         beta = ops.gate(self.gate(c), cfg.beta_max)

@@ -65,7 +65,8 @@ class Compress(nn.Module):
         if self.kind == "cc":
             return (state * self.mix).sum(-1)
         if self.kind == "tc":
-            # a product and a sum, not a matmul: stays in the state's dtype under autocast
-            # and fuses with the convolution under torch.compile
-            return (causal_token_conv(state, self.weight) * self.read).sum(-1)
+            # The convolution and the read are linear, so they are one depthwise convolution
+            # with taps weight·read summed over the channels: no (B, T, d, dv) intermediate
+            # to store for the backward pass, and torch.compile fuses it with the next norm.
+            return causal_token_conv(state, self.weight * self.read[:, None]).sum(-1)
         return state[..., 0]

@@ -1,0 +1,131 @@
+"""Result tables in the shape of the paper's Tables 3-4, with seed statistics, and a
+summary of the mechanism probes at the end of training."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import pandas as pd
+
+from deepdelta.analysis.figures import mean_over_seeds, regime_table
+from deepdelta.analysis.runs import Group, baseline_for
+from deepdelta.analysis.stats import estimate, paired_difference
+
+
+def results_table(groups: Sequence[Group], confidence: float = 0.95) -> pd.DataFrame:
+    """One row per configuration (finished runs only): validation loss and perplexity
+    (mean, std over seeds), the paired difference to its additive baseline (by seed, with
+    a ``confidence`` t interval), parameters, tok/s and peak memory with their ratios to
+    the baseline's."""
+    rows = []
+    for group in groups:
+        done = [r for r in group.runs if r.status == "finished"] or []
+        base = baseline_for(group, list(groups))
+        base_done = [r for r in base.runs if r.status == "finished"] if base is not None else []
+        loss = estimate([r.val_loss for r in done], confidence)
+        ppl = estimate([math.exp(r.val_loss) for r in done if not math.isnan(r.val_loss)], confidence)
+        row = {
+            "model": group.label,
+            "residual": group.residual,
+            "seeds": len(done),
+            "failed": len(group.runs) - len(done),
+            "val_loss": loss.mean,
+            "val_loss_std": loss.std,
+            "val_ppl": ppl.mean,
+            "val_ppl_std": ppl.std,
+            "baseline": base.label if base is not None and base is not group else "",
+            "delta": math.nan,
+            "delta_low": math.nan,
+            "delta_high": math.nan,
+            "delta_pairs": 0,
+            "params": estimate([r.params for r in done]).mean,
+            "tok_per_s": estimate([r.tokens_per_s for r in done]).mean,
+            "peak_mem_gb": estimate([r.peak_memory_gb for r in done]).mean,
+        }
+        if base is not None and base is not group:
+            diff = paired_difference(
+                {r.seed: r.val_loss for r in done}, {r.seed: r.val_loss for r in base_done}, confidence
+            )
+            row.update(delta=diff.mean, delta_low=diff.low, delta_high=diff.high, delta_pairs=diff.n)
+        base_tok = estimate([r.tokens_per_s for r in base_done]).mean if base is not None else math.nan
+        base_mem = estimate([r.peak_memory_gb for r in base_done]).mean if base is not None else math.nan
+        row["tok_ratio"] = row["tok_per_s"] / base_tok if base_tok else math.nan
+        row["mem_ratio"] = row["peak_mem_gb"] / base_mem if base_mem else math.nan
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _pm(mean: float, std: float, digits: int = 4) -> str:
+    if math.isnan(mean):
+        return "–"
+    return f"{mean:.{digits}f}" if math.isnan(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def _num(value: float, fmt: str, suffix: str = "") -> str:
+    return "–" if value is None or math.isnan(value) else f"{value:{fmt}}{suffix}"
+
+
+def format_results(table: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
+    """`results_table` as strings for a report: mean ± std, Δ [low, high], ratios ×."""
+    ci = f"Δ val loss vs additive [{confidence:.0%} CI]"
+    out = []
+    for r in table.to_dict("records"):
+        if r["baseline"] == "":
+            delta = "baseline" if r["residual"] == "additive" else "–"
+        elif r["delta_pairs"] == 0:
+            delta = "no shared seeds"
+        elif math.isnan(r["delta_low"]):
+            delta = f"{r['delta']:+.4f} (1 seed)"
+        else:
+            delta = f"{r['delta']:+.4f} [{r['delta_low']:+.4f}, {r['delta_high']:+.4f}]"
+        out.append(
+            {
+                "model": r["model"],
+                "seeds": str(r["seeds"]) + (f" (+{r['failed']} failed)" if r["failed"] else ""),
+                "val loss": _pm(r["val_loss"], r["val_loss_std"]),
+                "val ppl": _pm(r["val_ppl"], r["val_ppl_std"], 2),
+                ci: delta,
+                "params": _num(r["params"] / 1e6, ".2f", "M"),
+                "train K tok/s": _num(r["tok_per_s"] / 1e3, ".2f"),
+                "tok/s ×": _num(r["tok_ratio"], ".2f", "×"),
+                "peak mem (GB)": _num(r["peak_mem_gb"], ".2f"),
+                "mem ×": _num(r["mem_ratio"], ".2f", "×"),
+            }
+        )
+    return pd.DataFrame(out)
+
+
+def mechanism_table(groups: Sequence[Group]) -> pd.DataFrame:
+    """Per gated configuration, at its last probe (mean over sublayers and seeds): mean β,
+    the regime shares, ‖k̃‖ and its share under 10·ε_k, ‖e_pre‖. Additive rows say "no gate"."""
+    rows = []
+    for group in groups:
+        probes = mean_over_seeds(group.runs) if group.has_gate else pd.DataFrame()
+        if probes.empty:
+            rows.append({"model": group.label, "step": "no gate" if not group.has_gate else "no probes"})
+            continue
+        last = probes[probes["step"] == probes["step"].max()]
+        shares = regime_table(last).mean()
+        rows.append(
+            {
+                "model": group.label,
+                "step": int(last["step"].iloc[0]),
+                "mean β": round(float(last["beta_mean"].mean()), 3),
+                **{k: round(float(v), 3) for k, v in shares.items()},
+                "mean ‖k̃‖": round(float(last["k_norm"].mean()), 3),
+                "min ‖k̃‖ (sublayer mean)": round(float(last["k_norm"].min()), 3),
+                "‖k̃‖<10ε share": round(float(last["k_small"].max()), 4),
+                "mean ‖e_pre‖": round(float(last["e_pre_norm"].mean()), 3),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def sublayer_table(probes: pd.DataFrame) -> pd.DataFrame:
+    """The last probe of one run, one row per sublayer, the main columns rounded."""
+    last = probes[probes["step"] == probes["step"].max()]
+    cols = ["sublayer", "beta_mean", "beta_std", "beta_q05", "beta_q50", "beta_q95", "beta_skip", "beta_overwrite",
+            "beta_over_relaxed", "beta_near_reflection", "k_norm", "k_small", "k_cos_prev", "k_drift", "e_pre_norm",
+            "e_pre_channel_std"]  # fmt: skip
+    return last[[c for c in cols if c in last]].round(3).reset_index(drop=True)

@@ -1,0 +1,47 @@
+"""Test-only fault injection, switched on by environment variables (never by config), read by the runner.
+
+DEEPDELTA_FAULT_NAN=STEP:LAYER   during optimizer step STEP (1-based) the output of layer LAYER's attention
+                                 norm is multiplied by NaN, so β, ‖k̃‖, the loss and the gradients go
+                                 non-finite from that layer on; the weights are untouched (a transient fault).
+DEEPDELTA_FAULT_CKPT_STALL=STEP  a checkpoint write at step >= STEP stalls half-way (see checkpoint.py).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+
+
+def fault_callbacks() -> list[Callback]:
+    """The fault injectors requested by the environment (none in normal use)."""
+    spec = os.environ.get("DEEPDELTA_FAULT_NAN")
+    if not spec:
+        return []
+    step, _, layer = spec.partition(":")
+    return [InjectNaN(int(step), int(layer or 0))]
+
+
+class InjectNaN(Callback):
+    def __init__(self, step: int, layer: int = 0):
+        self.step, self.layer = step, layer
+        self._handle: Any = None
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
+        if trainer.global_step + 1 == self.step:
+            norm = pl_module.model.blocks[self.layer].norm_attn
+            self._handle = norm.register_forward_hook(lambda module, args, out: out * float("nan"))
+            print(f"FAULT: NaN injected at step {self.step}, layer {self.layer}", flush=True)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        self._remove()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._remove()
+
+    def _remove(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None

@@ -1,0 +1,166 @@
+"""The mechanism probe: what the gate, the direction k and the discrepancy do, every N steps.
+
+On a fixed probe batch (the first validation batch, so successive points differ only by
+training) one `model.probe()` forward gives per sublayer β, ‖k̃‖, k̂ and e_pre;
+`deepdelta.analysis.mechanism.probe_stats` turns them into numbers. They go
+
+- to every Lightning logger as ``{beta|k|e_pre}/{layer}.{attn|mlp}/{stat}`` (so the CSV
+  copy has them too), plus ``probe/seconds``, the callback's own cumulative cost;
+- to W&B as β histograms per sublayer (``beta_hist/...``) and, at the end of training,
+  a layer × step heatmap of mean β (``beta_heatmap``) and the table (``probes``);
+- to ``probes.csv`` in the run directory: one row per step × sublayer.
+
+Rank 0 only. Additive runs have no gate: the callback says so once and does nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pandas as pd
+import torch
+from lightning.pytorch.loggers import WandbLogger
+
+from deepdelta.analysis.mechanism import COLUMNS, probe_stats, rows_to_metrics
+
+log = logging.getLogger(__name__)
+
+
+class MechanismProbe(L.Callback):
+    """Every ``every_n_steps`` optimizer steps (and at step 0), probe the model on at most
+    ``max_tokens`` tokens of the first validation batch; see the module docstring."""
+
+    def __init__(
+        self,
+        every_n_steps: int = 25,
+        max_tokens: int = 8192,
+        histograms: bool = True,
+        hist_bins: int = 64,
+        filename: str = "probes.csv",
+        dirpath: str | None = None,
+    ):
+        super().__init__()
+        if every_n_steps < 1:
+            raise ValueError(f"callbacks.beta.every_n_steps: got {every_n_steps}, allowed: an integer >= 1")
+        self.every_n_steps = every_n_steps
+        self.max_tokens = max_tokens
+        self.histograms = histograms
+        self.hist_bins = hist_bins
+        self.filename = filename
+        self.dirpath = dirpath
+        self.rows: list[dict[str, Any]] = []  # every probe of this fit, as written to probes.csv
+        self.seconds = 0.0
+        self._batch: torch.Tensor | None = None
+        self._mean_k: dict[str, torch.Tensor] = {}
+        self._last_step = -1
+
+    # -- Lightning hooks ----------------------------------------------------------------
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._batch = None
+        if not trainer.is_global_zero:
+            return
+        if pl_module.config.residual == "additive":
+            log.info("MechanismProbe: residual=additive has no gate; nothing to probe")
+            return
+        self._batch = self._probe_batch(trainer)
+        if self._batch is None:
+            log.warning("MechanismProbe: no validation batch to probe with; probes are off")
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step % self.every_n_steps == 0:  # the start point (step 0, or a resumed step)
+            self.probe(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if trainer.global_step % self.every_n_steps == 0 and not trainer.fit_loop._should_accumulate():
+            self.probe(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._log_summary(trainer, pl_module)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._log_summary(trainer, pl_module)
+
+    # -- the probe ------------------------------------------------------------------------
+    def _probe_batch(self, trainer: L.Trainer) -> torch.Tensor | None:
+        loader = None
+        if trainer.datamodule is not None and hasattr(trainer.datamodule, "val_dataloader"):
+            loader = trainer.datamodule.val_dataloader()
+        if loader is None:
+            return None
+        x = next(iter(loader))[0]
+        rows = max(1, self.max_tokens // x.shape[1])
+        return x[:rows].clone()
+
+    def path(self, trainer: L.Trainer) -> Path:
+        return Path(self.dirpath or trainer.default_root_dir) / self.filename
+
+    @torch.no_grad()
+    def probe(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[dict[str, Any]]:
+        """Probe now (rank 0), log and append to the table; returns this step's rows."""
+        step = trainer.global_step
+        if self._batch is None or not trainer.is_global_zero or step == self._last_step:
+            return []
+        start = time.perf_counter()
+        self._last_step = step
+        model = pl_module.model
+        was_training = model.training
+        model.eval()
+        try:
+            idx = self._batch.to(pl_module.device, non_blocking=True)
+            with trainer.precision_plugin.forward_context():  # the training precision (bf16 on GPU)
+                records = model.probe(idx)
+        finally:
+            model.train(was_training)
+        rows, self._mean_k = probe_stats(records, pl_module.config.k_eps, self._mean_k)
+        if not rows:
+            self._batch = None  # a model without gates: nothing to come either
+            return []
+        rows = [{"step": step, **r} for r in rows]
+        self.rows.extend(rows)
+        self._append(trainer, rows)
+        hist = self._histograms(records, pl_module.config.beta_max) if self.histograms else {}
+        self.seconds += time.perf_counter() - start
+        metrics = {**rows_to_metrics(rows), "probe/seconds": self.seconds}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+            if hist and isinstance(logger, WandbLogger):
+                logger.experiment.log({**hist, "trainer/global_step": step})
+        return rows
+
+    def _append(self, trainer: L.Trainer, rows: list[dict[str, Any]]) -> None:
+        path = self.path(trainer)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        frame = pd.DataFrame(rows, columns=["step", "sublayer", "layer", "part", *COLUMNS])
+        frame.to_csv(path, mode="a", header=not path.exists(), index=False)
+
+    def _histograms(self, records: dict[str, dict[str, torch.Tensor]], beta_max: float) -> dict[str, Any]:
+        """β histograms binned on the device (only the counts travel)."""
+        import wandb
+
+        edges = torch.linspace(0.0, beta_max, self.hist_bins + 1).numpy()
+        out = {}
+        for name, rec in records.items():
+            counts = torch.histc(rec["beta"].float(), bins=self.hist_bins, min=0.0, max=beta_max)
+            out[f"beta_hist/{name}"] = wandb.Histogram(np_histogram=(counts.cpu().numpy(), edges))
+        return out
+
+    def _log_summary(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """The β heatmap and the probe table, once, to W&B (cumulative, so at the end)."""
+        if not self.rows or not trainer.is_global_zero:
+            return
+        wandb_loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+        if not wandb_loggers:
+            return
+        import wandb
+
+        from deepdelta.analysis.figures import beta_heatmap
+
+        frame = pd.DataFrame(self.rows)
+        fig = beta_heatmap(frame, pl_module.config.beta_max)
+        payload = {"beta_heatmap": wandb.Image(fig), "probes": wandb.Table(dataframe=frame)}
+        for logger in wandb_loggers:
+            logger.experiment.log({**payload, "trainer/global_step": trainer.global_step})

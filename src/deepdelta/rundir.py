@@ -1,0 +1,173 @@
+"""Run directories: unique names, ownership (no run overwrites another), and resuming a run in place.
+
+Scheme (README "Resume, preemption, divergence"):
+- a new run gets ``outputs/runs/<date_time>_<id>`` (``<id>``: the SLURM job id, else 4 random hex digits), a
+  sweep ``outputs/sweeps/<date_time>_<id>``; the directory is claimed (``.deepdelta-run``, created with
+  O_EXCL before Hydra writes anything) and a second run pointed at it stops with an error;
+- ``resume=<run dir>`` continues that run in that directory: its original overrides are replayed
+  (``<run dir>/.hydra/overrides.yaml``, new ones on the command line win) and training restarts from its
+  newest checkpoint (none yet: it starts there from scratch, so one command serves first start and requeue);
+- ``ckpt_path=last`` means the newest checkpoint of the run directory, and fails when it has none;
+- a requeued SLURM job (``SLURM_RESTART_COUNT`` >= 1) resumes from its own directory's newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+CLAIM = ".deepdelta-run"
+_UID: str | None = None
+
+
+class RunDirError(RuntimeError):
+    """An output directory that cannot be used: not writable, or owned by another run."""
+
+
+def run_uid() -> str:
+    """Suffix that keeps runs started in the same second apart: shared by every task of a SLURM job,
+    random otherwise, and fixed for this process (and its children, through the environment)."""
+    global _UID
+    if _UID is None:
+        slurm = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
+        if slurm:
+            task = os.environ.get("SLURM_ARRAY_TASK_ID")
+            _UID = f"j{slurm}" + (f"_{task}" if os.environ.get("SLURM_ARRAY_JOB_ID") and task else "")
+        else:
+            _UID = os.environ.get("DEEPDELTA_RUN_UID") or secrets.token_hex(2)
+        os.environ["DEEPDELTA_RUN_UID"] = _UID
+    return _UID
+
+
+def _run_dir(resume: Any, default: str) -> str:
+    return str(resume) if resume not in (None, "") else default
+
+
+# cached: Hydra reads hydra.run.dir several times and copies the cache to sweep jobs
+OmegaConf.register_new_resolver("dd.uid", run_uid, use_cache=True, replace=True)
+OmegaConf.register_new_resolver("dd.run_dir", _run_dir, replace=True)
+
+
+def is_rank_zero() -> bool:
+    """False in the extra processes of a distributed launch (they share rank 0's directory)."""
+    return not any(int(os.environ.get(k, "0") or 0) > 0 for k in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "NODE_RANK"))
+
+
+def slurm_requeued() -> bool:
+    return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
+
+
+def is_resuming(cfg: DictConfig) -> bool:
+    return bool(cfg.get("resume")) or cfg.get("ckpt_path") == "last" or slurm_requeued()
+
+
+def occupied(directory: Path) -> str | None:
+    """Why ``directory`` already belongs to a run, or None if it is free."""
+    directory = Path(directory)
+    claim = directory / CLAIM
+    if claim.exists():
+        try:
+            who = json.loads(claim.read_text())
+            return f"claimed by pid {who.get('pid')} on {who.get('host')} at {who.get('started')}"
+        except (OSError, ValueError):
+            return "claimed by another run"
+    if (directory / "summary.json").exists():
+        return "it holds a finished run (summary.json)"
+    if any((directory / "checkpoints").glob("*.ckpt")):
+        return "it holds checkpoints"
+    return None
+
+
+def claim(directory: Path, resuming: bool) -> None:
+    """Create ``directory`` and take ownership, atomically; fail clearly when it is unusable or taken."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunDirError(
+            f"output directory {directory} cannot be created: {exc.strerror or exc}; choose a writable "
+            "location with hydra.run.dir=... (hydra.sweep.dir=... for -m)"
+        ) from exc
+    reason = occupied(directory)
+    if reason and not resuming:
+        raise RunDirError(
+            f"output directory {directory} is already used ({reason}); runs never share a directory: "
+            f"continue that run with resume={directory}, or drop hydra.run.dir to get a new one"
+        )
+    record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%F %T")})
+    path = directory / CLAIM
+    try:
+        flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if resuming else os.O_EXCL)
+        fd = os.open(path, flags, 0o644)
+        with os.fdopen(fd, "w") as f:
+            f.write(record + "\n")
+    except FileExistsError as exc:  # lost a race with a run started at the same moment
+        raise RunDirError(f"output directory {directory} was claimed by another run just now") from exc
+    except OSError as exc:
+        raise RunDirError(
+            f"output directory {directory} is not writable: {exc.strerror or exc}; choose another with "
+            "hydra.run.dir=... (hydra.sweep.dir=... for -m)"
+        ) from exc
+
+
+class RunDirGuard(Callback):
+    """Hydra callback: claims the run (or sweep) directory before Hydra writes anything into it."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if is_rank_zero():
+            claim(Path(str(config.hydra.run.dir)), is_resuming(config))
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        claim(Path(str(config.hydra.sweep.dir)), resuming=False)
+
+
+def resume_argv(argv: list[str]) -> list[str]:
+    """``resume=DIR`` on the command line: put DIR's original overrides first (later ones win in Hydra)."""
+    given = [a for a in argv[1:] if a.startswith("resume=")]
+    if not given or "-m" in argv or "--multirun" in argv:
+        return argv
+    saved = Path(given[-1].split("=", 1)[1]) / ".hydra" / "overrides.yaml"
+    if not saved.is_file():
+        return argv  # nothing ran there yet: a fresh start in that directory
+    skip = ("resume=", "ckpt_path=", "hydra.")
+    replay = [o for o in (yaml.safe_load(saved.read_text()) or []) if not str(o).lstrip("+~").startswith(skip)]
+    if replay:
+        print(f"resume: replaying the run's overrides: {' '.join(replay)}", file=sys.stderr)
+    return [argv[0], *replay, *argv[1:]]
+
+
+def checkpoint_to_resume(cfg: DictConfig, run_dir: Path) -> str | None:
+    """The checkpoint ``trainer.fit`` should start from (None: from scratch); see the module docstring."""
+    from deepdelta.callbacks.checkpoint import find_last_checkpoint
+
+    ckpt = cfg.get("ckpt_path")
+    if ckpt not in (None, "last"):
+        return str(ckpt)
+    lenient = ckpt is None  # resume= / requeue: a run killed before its first checkpoint starts over
+    if ckpt is None and not (cfg.get("resume") or slurm_requeued()):
+        return None
+    last = find_last_checkpoint(run_dir)
+    if last is None and not lenient:
+        raise RunDirError(
+            f"ckpt_path: got 'last', but {run_dir}/checkpoints holds no checkpoint; 'last' is the newest "
+            f"checkpoint of this run's own directory: continue an earlier run with resume=<its run dir>"
+        )
+    if last is None:
+        print(f"resume: no checkpoint in {run_dir} yet, starting from scratch there", file=sys.stderr)
+    return None if last is None else str(last)
+
+
+def wandb_run_id(run_dir: Path) -> str | None:
+    """The W&B run id of an earlier attempt of this run (``wandb/<mode>-run-<time>-<id>``), to continue it."""
+    runs = sorted(Path(run_dir, "wandb").glob("*run-*-*"), key=lambda p: p.stat().st_mtime_ns)
+    return runs[-1].name.rsplit("-", 1)[-1] if runs else None

@@ -1,0 +1,59 @@
+"""The benchmark entry point runs on CPU at the tiny shape and prints every row."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+
+from deepdelta import bench
+
+
+def test_bench_cpu_tiny(tmp_path, capsys):
+    out = tmp_path / "bench.csv"
+    rows = bench.main(["--device", "cpu", "--batch", "2", "--seq", "32", "--steps", "2", "--out", str(out)])
+    names = [r["variant"] for r in rows]
+    assert names == list(bench.DEFAULT_VARIANTS)
+    assert all("error" not in r for r in rows)
+    assert all(r["tok_s"] > 0 and r["step_ms"] > 0 and r["first_step_s"] > 0 for r in rows)
+    assert all(r["params"] > 0 and r["flops_per_token"] > 0 for r in rows)
+    assert all(r["mfu"] is None and r["peak_mem_gib"] is None for r in rows)  # no GPU peak on CPU
+    assert rows[0]["tok_s_ratio"] == pytest.approx(1.0)
+    printed = capsys.readouterr().out
+    for name in names:
+        assert f"| {name} " in printed
+    assert "tok/s" in printed and "MFU" in printed
+    with open(out) as f:
+        assert [r["variant"] for r in csv.DictReader(f)] == names
+
+
+def test_variant_names():
+    assert bench.variant_overrides("ddl-cc-ec-dv4") == dict(residual="ddl", compressor="cc", expand="conv", dv=4)
+    assert bench.variant_overrides("write_only-tc-rep-dv8") == dict(
+        residual="write_only", compressor="tc", expand="repeat", dv=8
+    )
+    assert bench.variant_overrides("additive") == dict(residual="additive", dv=1)
+    with pytest.raises(ValueError, match="allowed"):
+        bench.variant_overrides("ddl-xx-dv4")
+
+
+def test_ratios_use_the_additive_row_of_the_same_length():
+    rows = [
+        dict(variant="additive", seq=64, tok_s=100.0, peak_mem_gib=2.0),
+        dict(variant="ddl-dv1", seq=64, tok_s=80.0, peak_mem_gib=2.2),
+        dict(variant="ddl-dv1", seq=128, tok_s=50.0, peak_mem_gib=3.0),
+    ]
+    bench.add_ratios(rows)
+    assert rows[1]["tok_s_ratio"] == pytest.approx(0.8) and rows[1]["mem_ratio"] == pytest.approx(1.1)
+    assert rows[2]["tok_s_ratio"] is None
+    assert "| -" in bench.format_table(rows)
+
+
+def test_tune_sets_ops_constant(monkeypatch):
+    from deepdelta.model import ops
+
+    monkeypatch.setattr(ops, "PER_CHANNEL_MAX_DV", ops.PER_CHANNEL_MAX_DV)
+    bench.apply_tune("ops.PER_CHANNEL_MAX_DV=0")
+    assert ops.PER_CHANNEL_MAX_DV == 0
+    with pytest.raises(ValueError):
+        bench.apply_tune("nothing.x=1")

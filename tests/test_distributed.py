@@ -1,0 +1,90 @@
+"""Scale-out: DDP over 2 CPU processes (gloo) and sweeps through submitit, via the real CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pandas as pd
+import pytest
+
+from deepdelta.batching import plan_batch
+from tests.conftest import ROOT
+
+SMALL = ["model.n_layer=2", "model.block_size=64", "data.val_batches=4", "debug=fast", "trainer.max_steps=6",
+         "trainer.limit_val_batches=1.0"]
+
+
+@pytest.mark.parametrize(
+    "global_batch, micro, world, expected",
+    [(480, 16, 1, (16, 30)), (480, 16, 4, (15, 8)), (480, 16, 8, (15, 4)), (8, 4, 2, (4, 1)), (8, 8, 1, (8, 1)),
+     (12, 5, 1, (4, 3)), (None, 4, 2, (4, 1))],
+)  # fmt: skip
+def test_global_batch_plan(global_batch, micro, world, expected):
+    plan = plan_batch(global_batch, micro, world)
+    assert (plan.micro_batch, plan.accumulate) == expected
+    assert plan.micro_batch * plan.accumulate * world == plan.global_batch
+
+
+def test_global_batch_must_split_over_devices():
+    with pytest.raises(ValueError, match="global_batch: got 7, allowed: a positive multiple of the world size 2"):
+        plan_batch(7, 4, 2)
+
+
+def _rows(run_dir, rank):
+    lines = (run_dir / "rec" / f"batches_rank{rank}.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_match_single_process(cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    record = "+callbacks.rec._target_=tests.recorders.RecordBatches"
+    ddp = tmp_path / "ddp"
+    cli(*SMALL, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
+        "global_batch=8", "data.batch_size=4", "logger=csv", record, f"+callbacks.rec.path={ddp / 'rec'}",
+        f"hydra.run.dir={ddp}")  # fmt: skip
+    single = tmp_path / "single"
+    cli(*SMALL, "global_batch=8", "data.batch_size=4", "logger=csv", record, f"+callbacks.rec.path={single / 'rec'}",
+        f"hydra.run.dir={single}")  # fmt: skip
+
+    rank0, rank1 = _rows(ddp, 0), _rows(ddp, 1)
+    seen0 = {r for b in rank0 for r in b["rows"]}
+    seen1 = {r for b in rank1 for r in b["rows"]}
+    assert len(rank0) == len(rank1) == 6 and not seen0 & seen1  # every step, disjoint windows
+    # the same global batches: single process accumulates 2 micro-batches of 4 per step
+    solo = _rows(single, 0)
+    assert len(solo) == 12
+    for step in range(6):
+        assert set(rank0[step]["rows"]) | set(rank1[step]["rows"]) == set(solo[2 * step]["rows"] + solo[2 * step + 1]["rows"])
+
+    m_ddp = pd.read_csv(ddp / "csv" / "metrics.csv")
+    m_one = pd.read_csv(single / "csv" / "metrics.csv")
+    for col in ["val/loss", "train/tokens"]:
+        a, b = m_ddp[col].dropna().to_numpy(), m_one[col].dropna().to_numpy()
+        assert len(a) == len(b) > 0 and a == pytest.approx(b, rel=1e-4), col
+    assert json.loads((ddp / "summary.json").read_text())["status"] == "finished"
+
+
+@pytest.mark.slow
+def test_submitit_local_sweep_runs_both_jobs(cli, tmp_path):
+    proc = cli(*SMALL, "logger=csv", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
+               "residual=ddl,additive", multirun=True)  # fmt: skip
+    table = pd.read_csv(tmp_path / "sweep" / "summary.csv")
+    assert list(table["status"]) == ["finished", "finished"], proc.stdout[-2000:]
+    for job in ("0", "1"):
+        assert (tmp_path / "sweep" / job / "csv" / "metrics.csv").exists()
+    assert list((tmp_path / "sweep" / ".submitit").iterdir())  # really went through submitit
+
+
+@pytest.mark.slow
+def test_multirun_of_ddp_jobs_runs_each_job_once(cli, tmp_path):
+    """Lightning re-runs the script for rank 1; inside a multirun that must be this job only."""
+    proc = cli(*SMALL, "logger=csv", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+               "trainer.precision=32-true", "data.batch_size=4", "residual=ddl,additive", multirun=True)  # fmt: skip
+    assert proc.stdout.count("Launching 2 jobs") + proc.stderr.count("Launching 2 jobs") == 1
+    table = pd.read_csv(tmp_path / "sweep" / "summary.csv")
+    assert list(table["status"]) == ["finished", "finished"]
+    for job in ("0", "1"):
+        assert (tmp_path / "sweep" / job / "train_ddp_process_1.log").exists()  # rank 1 ran in the job's dir
+    assert sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir()) == ["0", "1"]
