@@ -88,3 +88,16 @@ def test_multirun_of_ddp_jobs_runs_each_job_once(cli, tmp_path):
     for job in ("0", "1"):
         assert (tmp_path / "sweep" / job / "train_ddp_process_1.log").exists()  # rank 1 ran in the job's dir
     assert sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir()) == ["0", "1"]
+
+
+def test_slurm_launcher_config_resolves():
+    from hydra import compose, initialize_config_dir
+
+    overrides = ["hydra/launcher=slurm", "trainer=ddp", "trainer.num_nodes=2", "hydra.launcher.partition=gpu",
+                 "hydra.launcher.account=proj", "hydra.launcher.gpus_per_node=8"]  # fmt: skip
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.partition, launcher.account) == ("gpu", "proj")
+    assert (launcher.nodes, launcher.gpus_per_node, launcher.tasks_per_node) == (2, 8, 8)

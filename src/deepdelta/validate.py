@@ -111,6 +111,9 @@ def model_problems(fields: dict[str, Any]) -> tuple[list[str], ModelConfig | Non
 def problems(cfg: DictConfig, run_dir: Path | None = None, multirun: bool = False) -> list[str]:
     """Every problem of ``cfg`` (empty: valid). ``run_dir`` enables the output-directory checks."""
     c = _Checker(cfg)
+    for key in sorted(OmegaConf.missing_keys(cfg)):  # mandatory values (???) nobody set
+        hint = " (files, folders or globs: data.paths=[corpus/*.txt])" if key == "data.paths" else ""
+        c.errs.append(f"{key}: got ??? (not set), allowed: a value on the command line, {key}=...{hint}")
     c.integer("seed", 0)
     for key in ("compile", "dry_run"):
         c.boolean(key)
@@ -221,7 +224,7 @@ def _data_problems_static(c: _Checker, model_cfg: ModelConfig | None) -> bool:
                 c.bad("model.vocab_size", model_cfg.vocab_size, allowed)
     if "global_batch" in c.cfg:  # its split over devices is checked where the world size is known
         c.integer("global_batch", 1, optional=True)
-    if len(c.errs) > n or source is _UNSET:
+    if len(c.errs) > n or source is _UNSET or any(e.startswith("data.") for e in c.errs):
         return False
     # the data layer's own checks (names, paths, globs): its constructor reads nothing
     from hydra.utils import instantiate
