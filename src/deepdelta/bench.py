@@ -1,7 +1,7 @@
 """Time every variant's training step: ``python -m deepdelta.bench`` (``make bench``).
 
-For each variant: build the model at the preset's shape, compile (``model.loss`` in one
-graph, fused AdamW, bf16 autocast: ``deepdelta.model.fastpath``), run the first step
+For each variant: build the model at the preset's shape, compile (block by block, fused
+AdamW, bf16 autocast: ``deepdelta.model.fastpath``), run the first step
 (compilation included, timed on its own), warm up, then time forward + backward + clip +
 optimiser steps with CUDA events (``time.perf_counter`` on CPU). Prints one table:
 variant, parameters, tokens/s, MFU (``flops_per_token`` × tokens/s over the GPU's dense

@@ -121,14 +121,22 @@ def claim(directory: Path, resuming: bool) -> None:
 
 
 class RunDirGuard(Callback):
-    """Hydra callback: claims the run (or sweep) directory before Hydra writes anything into it."""
+    """Hydra callback: claims the run (or sweep) directory before Hydra writes anything into it.
+    Hydra turns exceptions raised by callbacks into warnings, so refusals exit through SystemExit."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         if is_rank_zero():
-            claim(Path(str(config.hydra.run.dir)), is_resuming(config))
+            _or_exit(claim, Path(str(config.hydra.run.dir)), is_resuming(config))
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        claim(Path(str(config.hydra.sweep.dir)), resuming=False)
+        _or_exit(claim, Path(str(config.hydra.sweep.dir)), False)
+
+
+def _or_exit(fn: Any, *args: Any) -> None:
+    try:
+        fn(*args)
+    except RunDirError as exc:
+        raise SystemExit(f"Error: {exc}") from None  # printed to stderr, exit status 1
 
 
 def resume_argv(argv: list[str]) -> list[str]:

@@ -10,6 +10,7 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
@@ -78,6 +79,10 @@ def run(cfg: DictConfig, run_dir: Path, name: str = "", multirun: bool = False) 
         callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
         callbacks += fault_callbacks()  # test-only, from DEEPDELTA_FAULT_* environment variables
         plugins = [AtomicCheckpointIO(), *(instantiate(p) for p in cfg.trainer.get("plugins") or [])]
+        if SLURMEnvironment.detect() and not any(isinstance(p, SLURMEnvironment) for p in plugins):
+            # Lightning's auto-requeue saves from inside the signal handler (maybe mid-step); our
+            # Checkpoint callback saves at the next step boundary and requeues itself
+            plugins.append(SLURMEnvironment(auto_requeue=False))
         trainer = instantiate(cfg.trainer, logger=loggers, callbacks=callbacks, plugins=plugins)
         plan = plan_batch(cfg.get("global_batch"), datamodule.batch_size, trainer.world_size,
                           trainer.accumulate_grad_batches)  # fmt: skip

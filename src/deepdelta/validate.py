@@ -141,7 +141,8 @@ def problems(cfg: DictConfig, run_dir: Path | None = None, multirun: bool = Fals
         c.bad("trainer.precision", precision, " | ".join(PRECISIONS))
     elif accelerator == "cpu" and str(precision) not in CPU_PRECISIONS:
         c.bad("trainer.precision", precision, f"with trainer.accelerator=cpu: {' | '.join(CPU_PRECISIONS)}")
-    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+    dry_run = c.get("dry_run", False) is True  # builds the model and exits: GPU and disk are not needed
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available() and not dry_run:
         c.bad("trainer.accelerator", accelerator, "cpu (no CUDA GPU is visible here; use trainer=cpu)")
     devices = c.get("trainer.devices", 1)
     if devices is not _UNSET and not (
@@ -186,7 +187,7 @@ def problems(cfg: DictConfig, run_dir: Path | None = None, multirun: bool = Fals
 
     # outputs
     if run_dir is not None:
-        ckpt_bytes = None if model_cfg is None else checkpoint_bytes(model_cfg)
+        ckpt_bytes = None if model_cfg is None or dry_run else checkpoint_bytes(model_cfg)
         c.errs += output_problems(Path(run_dir), ckpt_bytes)
         cache = c.get("paths.cache_dir", None)
         if isinstance(cache, str) and data_ok:

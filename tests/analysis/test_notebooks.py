@@ -19,7 +19,9 @@ pytestmark = pytest.mark.slow
 def test_notebook_executes(tiny_sweep, monkeypatch, notebook, variable, job):
     monkeypatch.setenv(variable, str(tiny_sweep / job) if job else str(tiny_sweep))  # the kernel inherits it
     book = nbformat.read(ROOT / "notebooks" / f"{notebook}.ipynb", as_version=4)
-    NotebookClient(book, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
+    NotebookClient(
+        book, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT / "notebooks")}}
+    ).execute()
     outputs = [o for cell in book.cells if cell.cell_type == "code" for o in cell.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= (4 if notebook == "beta_dashboard" else 3)

@@ -33,7 +33,10 @@ def test_sweep_report_has_seed_statistics(tiny_sweep, cache_dir):
         assert f"](figures/{name}.png)" in text and (tiny_sweep / "figures" / f"{name}.png").exists()
     # the paired difference and its interval, by hand from the two runs of each configuration
     summary = pd.read_csv(tiny_sweep / "summary.csv").set_index("job")
-    diffs = [summary.loc[0, "val_loss"] - summary.loc[1, "val_loss"], summary.loc[2, "val_loss"] - summary.loc[3, "val_loss"]]
+    diffs = [
+        summary.loc[0, "val_loss"] - summary.loc[1, "val_loss"],
+        summary.loc[2, "val_loss"] - summary.loc[3, "val_loss"],
+    ]
     results = pd.read_csv(tiny_sweep / "results.csv").set_index("residual")
     mean, sd = sum(diffs) / 2, abs(diffs[0] - diffs[1]) / math.sqrt(2)
     assert results.loc["ddl", "delta"] == pytest.approx(mean, rel=1e-6)

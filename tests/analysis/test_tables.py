@@ -41,7 +41,8 @@ def make_run(path: Path, residual: str, dv: int, seed: int, steps: int = 4) -> N
                    path / ".hydra" / "overrides.yaml")  # fmt: skip
     loss = LOSS[(residual, dv)][seed]
     summary = {"job": path.name, "name": f"dv={dv},residual={residual},seed={seed}", "status": "finished",
-               "val_loss": loss, "params": 1e6 * dv, "tok_per_s": TOK[(residual, dv)], "tokens": 1000.0 * steps}  # fmt: skip
+               "val_loss": loss, "params": 1e6 * dv, "tok_per_s": TOK[(residual, dv)],
+               "tokens": 1000.0 * steps}  # fmt: skip
     (path / "summary.json").write_text(json.dumps(summary))
     rows = [{"step": s, "train/loss": loss + 1 - s / steps, "train/tokens": 1000.0 * (s + 1),
              "train/flops": 6e9 * (s + 1), "train/time": 0.5 * (s + 1), "train/peak_mem_gb": MEM[(residual, dv)],

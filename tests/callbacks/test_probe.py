@@ -182,8 +182,8 @@ def fit(tmp_path, residual: str, steps: int = 4, every: int = 2, logit: float | 
     trainer = L.Trainer(
         max_steps=steps, logger=CSVLogger(tmp_path, name="csv", version=""), callbacks=[callback],
         default_root_dir=tmp_path, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        limit_val_batches=1, val_check_interval=steps, check_val_every_n_epoch=None, num_sanity_val_steps=0, log_every_n_steps=1,
-        accelerator="cpu", devices=1,
+        limit_val_batches=1, val_check_interval=steps, check_val_every_n_epoch=None, num_sanity_val_steps=0,
+        log_every_n_steps=1, accelerator="cpu", devices=1,
     )  # fmt: skip
     trainer.fit(module, datamodule=Tokens())
     return callback

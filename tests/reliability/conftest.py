@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -113,13 +114,12 @@ def assert_same_training(a: Path, b: Path) -> None:
     assert ca["state_dict"].keys() == cb["state_dict"].keys()
     for key, value in ca["state_dict"].items():
         assert torch.equal(value, cb["state_dict"][key]), f"weights differ: {key}"
-    for sa, sb in zip(ca["optimizer_states"][0]["state"].values(), cb["optimizer_states"][0]["state"].values()):
+    states_a, states_b = ca["optimizer_states"][0]["state"], cb["optimizer_states"][0]["state"]
+    for sa, sb in zip(states_a.values(), states_b.values(), strict=True):
         for k in sa:
             assert torch.equal(torch.as_tensor(sa[k]), torch.as_tensor(sb[k])), f"optimizer state differs: {k}"
     assert ca["lr_schedulers"] == cb["lr_schedulers"]
     assert ca["TokenDataModule"]["windows"] == cb["TokenDataModule"]["windows"]
-    import json
-
     sa, sb = (json.loads((d / "summary.json").read_text()) for d in (a, b))
     assert sa["status"] == sb["status"] == "finished", (sa, sb)
     assert sa["train_loss"] == sb["train_loss"] and sa["val_loss"] == sb["val_loss"], (sa, sb)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -23,7 +24,18 @@ from omegaconf import OmegaConf
 IGNORED_PREFIXES = ("seed", "data.seed", "paths.", "logger.", "callbacks.", "hydra.", "tags", "project", "ckpt_path")
 IGNORED_KEYS = {"trainer.default_root_dir", "dry_run"}
 # Overrides that never name a configuration (as in conf/hydra/default.yaml's override_dirname).
-IGNORED_OVERRIDES = {"seed", "sweep", "experiment", "debug", "trainer", "logger", "callbacks", "paths", "tags", "project"}
+IGNORED_OVERRIDES = {
+    "seed",
+    "sweep",
+    "experiment",
+    "debug",
+    "trainer",
+    "logger",
+    "callbacks",
+    "paths",
+    "tags",
+    "project",
+}
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -47,7 +59,9 @@ def metrics_by_step(metrics_csv: Path) -> pd.DataFrame:
     frame = frame.dropna(how="all", subset=[c for c in frame.columns if c not in ("step", "epoch")])
     if frame.empty or "step" not in frame:
         return pd.DataFrame()
-    return frame.groupby("step", sort=True).last().reset_index()
+    with warnings.catch_warnings():  # hundreds of probe columns: pandas warns about fragmentation, harmlessly
+        warnings.simplefilter("ignore", pd.errors.PerformanceWarning)
+        return frame.copy().groupby("step", sort=True).last().reset_index()
 
 
 @dataclass

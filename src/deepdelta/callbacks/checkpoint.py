@@ -163,11 +163,15 @@ class Checkpoint(ModelCheckpoint):
         if trainer.is_global_zero and self.dirpath and "://" not in str(self.dirpath):
             for stale in stale_temp_files(Path(self.dirpath)):  # left by a process killed mid-write
                 stale.unlink(missing_ok=True)
-        if stage != "fit" or not hasattr(signal, "SIGUSR1"):
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Installed after Lightning registered its handlers, whose teardown (also after an exception) puts back
+        # what was there before fit, ours included. SIGUSR2 is submitit's requeue signal: taken over only when
+        # a handler is installed, and that handler is called after our save.
+        super().on_train_start(trainer, pl_module)
+        if not hasattr(signal, "SIGUSR1"):
             return
-        # Installed before Lightning registers its own, so Lightning's SLURM handler (which saves from inside
-        # the signal handler, possibly mid optimizer step) stays out. SIGUSR2 is submitit's requeue signal:
-        # taken over only when submitit installed a handler, which is then called after our save.
+        self._previous = {}
         for sig in (signal.SIGUSR1, signal.SIGUSR2):
             previous = signal.getsignal(sig)
             if sig == signal.SIGUSR2 and not callable(previous):
@@ -177,18 +181,13 @@ class Checkpoint(ModelCheckpoint):
             except ValueError:  # not the main thread: leave signals alone
                 return
 
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
-        self._previous = {}
-
     def _on_signal(self, signum: int, frame: Any) -> None:
         # only set a flag: saving inside a signal handler could capture a half-applied optimizer step
         self._signal = signal.Signals(signum).name
 
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "rng": rng_state()}
+        return {**super().state_dict(), "rng": self._val_rng or rng_state()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
@@ -200,19 +199,20 @@ class Checkpoint(ModelCheckpoint):
             set_rng_state(self._pending_rng)
             self._pending_rng = None
 
-    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._val_rng = rng_state() if trainer.state.fn == TrainerFn.FITTING else None
-
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)
-        if self._val_rng is not None:
-            set_rng_state(self._val_rng)
-            self._val_rng = None
+        if self._val_rng is not None and trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+            set_rng_state(self._val_rng)  # back to where the last training step left it
+        self._val_rng = None
 
     # -- saving ---------------------------------------------------------------------------------
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        # Validation may follow this step; its dataloader draws a seed from the global RNG *before* any
+        # validation hook runs, so snapshot here (a few µs) and restore at on_validation_end. Saves taken
+        # from now until then (periodic, final, on SIGTERM mid-validation) store this snapshot.
+        self._val_rng = rng_state()
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         reason = self._stop_reason(trainer)
         final = trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps
@@ -241,6 +241,11 @@ class Checkpoint(ModelCheckpoint):
             self.preempted_by = "SIGTERM"
             if self._last_global_step_saved != trainer.global_step and not trainer.sanity_checking:
                 self.save_last_now(trainer)
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        for logger in trainer.loggers:  # the CSV logger buffers 100 steps: make metrics up to here survive a kill
+            logger.save()
+        super()._save_checkpoint(trainer, filepath)
 
     def save_last_now(self, trainer: L.Trainer) -> None:
         self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))

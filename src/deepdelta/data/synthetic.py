@@ -77,15 +77,22 @@ class SyntheticTask:
                 else:
                     env[v] = rng.randrange(self.num_values)
                     parts.append(f"{v}={env[v]}")
-            q = rng.choice(sorted(env))
+            q = self._query(rng, env, parts[-1].split("=")[0])
             return ";".join(parts) + f";{q}?", str(env[q])
         keys = rng.sample(_KEYS, self.num_vars)
         for _ in range(n_ops):
             k = rng.choice(keys)
             env[k] = rng.randrange(self.num_values)
             parts.append(f"{k}:{env[k]}")
-        q = rng.choice(sorted(env))
+        q = self._query(rng, env, k)
         return ",".join(parts) + f"|{q}?", str(env[q])
+
+    @staticmethod
+    def _query(rng: random.Random, env: dict[str, int], last: str) -> str:
+        # Never the slot written last (when another exists): "repeat the last value" must not solve the task,
+        # the model has to find the latest write to *this* slot among later writes to others.
+        candidates = sorted(v for v in env if v != last) or [last]
+        return rng.choice(candidates)
 
     def sample(self, block_size: int, seed: int, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Window ``index`` of the stream ``seed``: ``block_size + 1`` bytes and a mask of answer bytes."""

@@ -1,0 +1,209 @@
+"""In-process checks of the pieces: atomic writes, RNG-exact resume, run-directory ownership, resume argv."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset
+
+from deepdelta.callbacks import checkpoint as ckpt_mod
+from deepdelta.callbacks.checkpoint import (
+    AtomicCheckpointIO,
+    Checkpoint,
+    Preempted,
+    find_last_checkpoint,
+    stale_temp_files,
+)
+from deepdelta.rundir import CLAIM, RunDirError, claim, resume_argv
+from tests.conftest import ROOT
+
+
+def test_atomic_write_failure_keeps_previous_file(tmp_path, monkeypatch):
+    io = AtomicCheckpointIO()
+    target = tmp_path / "last.ckpt"
+    io.save_checkpoint({"global_step": 1, "w": torch.ones(3)}, target)
+
+    def torn(obj, f, *args, **kwargs):  # half a file, then the "process" dies
+        f.write(b"PK\x03\x04 partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", torn)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"global_step": 2, "w": torch.zeros(3)}, target)
+    monkeypatch.undo()
+    loaded = torch.load(target, weights_only=True)
+    assert loaded["global_step"] == 1 and torch.equal(loaded["w"], torch.ones(3))
+    assert not stale_temp_files(tmp_path)  # an interrupted writer cleans up after itself
+
+
+def test_last_checkpoint_ignores_partial_files(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    assert find_last_checkpoint(tmp_path) is None
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    (tmp_path / "checkpoints" / f".last.ckpt{ckpt_mod.TMP_MARK}123").write_bytes(b"x")
+    assert find_last_checkpoint(tmp_path) == tmp_path / "checkpoints" / "last.ckpt"
+
+
+# -- RNG: a run whose every input is random resumes bit for bit -----------------------------------------------
+
+
+class Zeros(IterableDataset):
+    def __iter__(self):
+        while True:
+            yield torch.zeros(1)
+
+
+class Noisy(L.LightningModule):
+    """Inputs from the global RNG and dropout: the trajectory depends on nothing but the RNG state."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 16), nn.Dropout(0.5), nn.Linear(16, 1))
+
+    def training_step(self, batch, batch_idx):
+        x = torch.randn(8, 4)
+        return (self.net(x) - x.sum(-1, keepdim=True)).pow(2).mean()
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val", self.net(torch.randn(8, 4)).mean())  # validation draws too: must not shift training
+
+    def train_dataloader(self):
+        return DataLoader(Zeros(), batch_size=None)
+
+    def val_dataloader(self):
+        return DataLoader(Zeros(), batch_size=None)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+
+class CrashAt(L.Callback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == self.step:
+            raise RuntimeError("crash")
+
+
+def _fit(root, steps=12, ckpt_path=None, crash=None):
+    L.seed_everything(0)
+    model = Noisy()
+    callbacks = [Checkpoint(dirpath=root / "checkpoints", save_top_k=0, every_n_train_steps=5)]
+    callbacks += [CrashAt(crash)] if crash else []
+    trainer = L.Trainer(
+        max_steps=steps, val_check_interval=5, limit_val_batches=2, check_val_every_n_epoch=None, logger=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks, plugins=[AtomicCheckpointIO()],
+        default_root_dir=root, num_sanity_val_steps=0,
+    )  # fmt: skip
+    try:
+        trainer.fit(model, ckpt_path=ckpt_path, weights_only=True)
+    except RuntimeError:
+        pass
+    return model.net.state_dict()
+
+
+def test_resume_restores_rng_streams_exactly(tmp_path, monkeypatch):
+    reference = _fit(tmp_path / "a")
+    _fit(tmp_path / "b", crash=8)  # dies 3 steps after the step-5 checkpoint
+    resumed = _fit(tmp_path / "b", ckpt_path=str(tmp_path / "b" / "checkpoints" / "last.ckpt"))
+    for key in reference:
+        assert torch.equal(reference[key], resumed[key]), key
+
+    monkeypatch.setattr(ckpt_mod, "set_rng_state", lambda state: None)  # the test can tell a wrong RNG apart
+    _fit(tmp_path / "c", crash=8)
+    wrong = _fit(tmp_path / "c", ckpt_path=str(tmp_path / "c" / "checkpoints" / "last.ckpt"))
+    assert not all(torch.equal(reference[k], wrong[k]) for k in reference)
+
+
+# -- run directories ----------------------------------------------------------------------------------------
+
+
+def test_claim_refuses_used_or_unwritable_directories(tmp_path):
+    run = tmp_path / "run"
+    claim(run, resuming=False)
+    assert (run / CLAIM).exists()
+    with pytest.raises(RunDirError, match="is already used .* continue that run with resume="):
+        claim(run, resuming=False)
+    claim(run, resuming=True)  # the same run, continued
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(RunDirError, match="cannot be created: Not a directory; choose a writable location"):
+        claim(blocker / "run", resuming=False)
+
+
+def test_resume_replays_the_runs_overrides(tmp_path):
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "overrides.yaml").write_text("- dv=2\n- model.n_layer=2\n- resume=/old\n- ckpt_path=last\n")
+    argv = resume_argv(["train.py", f"resume={tmp_path}", "trainer.max_steps=50"])
+    assert argv == ["train.py", "dv=2", "model.n_layer=2", f"resume={tmp_path}", "trainer.max_steps=50"]
+    fresh = tmp_path / "not_yet"
+    assert resume_argv(["train.py", f"resume={fresh}"]) == ["train.py", f"resume={fresh}"]
+    assert os.path.basename(resume_argv(["train.py", "dv=1"])[0]) == "train.py"
+
+
+# -- preemption by SIGUSR1 (SLURM's requeue signal), in-process -------------------------------------------------
+
+
+class SignalAt(L.Callback):
+    def __init__(self, step: int, sig: int):
+        self.step, self.sig = step, sig
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step + 1 == self.step:  # arrives in the middle of step 7
+            os.kill(os.getpid(), self.sig)
+
+
+def test_sigusr1_saves_at_step_boundary_requeues_and_exits_zero(tmp_path, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f'#!/bin/sh\necho "$@" > {tmp_path / "scontrol.args"}\n')
+    scontrol.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+
+    L.seed_everything(0)
+    checkpoint = Checkpoint(dirpath=tmp_path / "checkpoints", save_top_k=0, every_n_train_steps=5)
+    trainer = L.Trainer(
+        max_steps=12, logger=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        callbacks=[checkpoint, SignalAt(7, signal.SIGUSR1)], plugins=[AtomicCheckpointIO()], default_root_dir=tmp_path,
+    )  # fmt: skip
+    with pytest.raises(Preempted) as info:
+        trainer.fit(Noisy())
+    assert info.value.code == 0  # a clean exit for the scheduler
+    assert "SIGUSR1 received: saved" in str(info.value) and "resume=" in str(info.value)
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 7
+    assert (tmp_path / "scontrol.args").read_text().split() == ["requeue", "4242"]
+    assert signal.getsignal(signal.SIGUSR1) is not checkpoint._on_signal  # handler restored after fit
+
+
+def test_run_directories_are_unique(tmp_path):
+    """Two runs started in the same second: different directories (the suffix is per process)."""
+    code = (
+        "import sys; sys.path.insert(0, 'src'); import deepdelta.rundir\n"
+        "from hydra import compose, initialize_config_dir\n"
+        "from omegaconf import OmegaConf\n"
+        "with initialize_config_dir(config_dir=sys.argv[1], version_base='1.3'):\n"
+        "    cfg = compose('train', return_hydra_config=True)\n"
+        "    print(cfg.hydra.run.dir, cfg.hydra.sweep.dir)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "DEEPDELTA_RUN_UID"))}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, str(ROOT / "conf")], cwd=ROOT, env=env, stdout=subprocess.PIPE)
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=120)[0].decode().split() for p in procs]
+    for run_dir, sweep_dir in outs:
+        assert re.fullmatch(r"outputs/runs/\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_[0-9a-f]{4}", run_dir), run_dir
+        assert re.fullmatch(r"outputs/sweeps/\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_[0-9a-f]{4}", sweep_dir), sweep_dir
+    assert outs[0][0] != outs[1][0]

@@ -1,0 +1,190 @@
+"""The fast training path computes the same function as the plain ops.
+
+CPU: the per-channel form of the DDL update (what CUDA runs, fused by torch.compile)
+against the vectorised form; the narrow linear maps and the one-convolution `tc` read
+against their plain definitions; the compiled model against the eager one (slow); one
+training step. GPU (``-m gpu``): the compiled bf16 training path against eager fp32 and
+eager bf16, forward and gradients, for the DDL variants, and the compiled loss.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from deepdelta.model import DeltaTransformer, ModelConfig, ops
+from deepdelta.model.fastpath import compile_model, make_optimizer, make_train_step
+from deepdelta.model.loss import linear_cross_entropy
+from deepdelta.model.residual import narrow_linear
+from deepdelta.model.state import Compress, causal_token_conv
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)).item()
+
+
+def grads_of(fn, *tensors):
+    tensors = [t.detach().clone().requires_grad_() for t in tensors]
+    out = fn(*tensors)
+    weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device=out.device).view(out.shape)
+    (out * weights).sum().backward()
+    return out.detach(), [t.grad for t in tensors]
+
+
+@pytest.mark.parametrize("update", [ops.delta_update, ops.write_only_update])
+@pytest.mark.parametrize("dv", [2, 4, 8])
+def test_per_channel_form_matches_vectorised(monkeypatch, update, dv):
+    g = torch.Generator().manual_seed(dv)
+    X, k = torch.randn(3, 7, 24, dv, generator=g), torch.randn(3, 7, 24, generator=g)
+    v, beta = torch.randn(3, 7, dv, generator=g), 2 * torch.rand(3, 7, generator=g)
+    monkeypatch.setattr(ops, "_per_channel", lambda state: True)
+    out_pc, grads_pc = grads_of(update, X, k, v, beta)
+    read_pc = ops.read(X, k)
+    monkeypatch.setattr(ops, "_per_channel", lambda state: False)
+    out_vec, grads_vec = grads_of(update, X, k, v, beta)
+    torch.testing.assert_close(out_pc, out_vec, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(read_pc, ops.read(X, k), rtol=1e-6, atol=1e-6)
+    for a, b in zip(grads_pc, grads_vec, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("outputs", [1, 4, 8, 16])
+def test_narrow_linear_is_linear(outputs):
+    x, w, b = torch.randn(5, 6, 32), torch.randn(outputs, 32), torch.randn(outputs)
+    torch.testing.assert_close(narrow_linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(narrow_linear(x.bfloat16(), w, None), F.linear(x.bfloat16().float(), w))
+    assert narrow_linear(x.bfloat16(), w, b).dtype == torch.float32  # never below fp32
+
+
+def test_tc_compress_is_conv_then_read():
+    cfg = ModelConfig(dv=4, compressor="tc", n_layer=1, d_model=16, n_head=2, head_dim=8)
+    comp = Compress(cfg)
+    with torch.no_grad():
+        comp.weight.normal_()
+        comp.read.normal_()
+    state = torch.randn(2, 9, 16, 4)
+    plain = causal_token_conv(state, comp.weight) @ comp.read
+    torch.testing.assert_close(comp(state), plain, rtol=1e-5, atol=1e-5)
+
+
+def _perturbed(cfg: ModelConfig, device: str = "cpu", seed: int = 0) -> DeltaTransformer:
+    torch.manual_seed(seed)
+    model = DeltaTransformer(cfg).to(device)
+    with torch.no_grad():  # move every parameter off its symmetric init, gates included
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def _loss_and_grads(model, loss_fn, idx, targets, dtype=None):
+    model.zero_grad(set_to_none=True)
+    ctx = torch.autocast(idx.device.type, dtype=dtype) if dtype else torch.autocast(idx.device.type, enabled=False)
+    with ctx:
+        loss = loss_fn(idx, targets)
+    loss.backward()
+    return loss.detach().float(), {n: p.grad.detach().float().clone() for n, p in model.named_parameters()}
+
+
+def _assert_grads_close(got: dict, want: dict, tol: float) -> None:
+    flat_got = torch.cat([g.flatten() for g in got.values()])
+    flat_want = torch.cat([g.flatten() for g in want.values()])
+    assert rel(flat_got, flat_want) < tol, f"all gradients: {rel(flat_got, flat_want):.2e}"
+    scale = flat_want.norm() / flat_want.numel() ** 0.5
+    for name, g in got.items():
+        w = want[name]
+        # per parameter: relative error, or absolute against the typical gradient size
+        err = (g - w).norm() / max(w.norm().item(), scale.item() * w.numel() ** 0.5)
+        assert err < 4 * tol, f"{name}: {err:.2e}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("regional", [True, False])
+def test_compiled_model_matches_eager_cpu(regional):
+    cfg = ModelConfig.preset("tiny", n_layer=2, residual="ddl", dv=4, compressor="tc", expand="conv")
+    eager = _perturbed(cfg)
+    compiled = copy.deepcopy(eager)
+    fn = compile_model(compiled, regional=regional)
+    idx, targets = torch.randint(0, cfg.vocab_size, (2, 2, 48)).unbind(0)
+    loss_e, grads_e = _loss_and_grads(eager, eager.loss, idx, targets)
+    loss_c, grads_c = _loss_and_grads(compiled, fn, idx, targets)
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-5)
+    _assert_grads_close(grads_c, grads_e, 1e-4)
+
+
+def test_train_step_cpu():
+    cfg = ModelConfig.preset("tiny", n_layer=1, dv=2)
+    model = _perturbed(cfg)
+    optimizer = make_optimizer(model, lr=1e-3)
+    step = make_train_step(model, optimizer)
+    idx, targets = torch.randint(0, cfg.vocab_size, (2, 2, 16)).unbind(0)
+    before = [p.detach().clone() for p in model.parameters()]
+    losses = [step(idx, targets).item() for _ in range(3)]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < losses[0]
+    assert all(p.grad is None for p in model.parameters())
+    assert sum(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True)) > 0
+
+
+# -- GPU ----------------------------------------------------------------------------------
+GPU_SHAPE = dict(n_layer=2, d_model=128, n_head=2, head_dim=64, vocab_size=512, block_size=128)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(residual="ddl", dv=4, compressor="cc", expand="conv"),
+        dict(residual="ddl", dv=4, compressor="tc", expand="conv"),
+        dict(residual="write_only", dv=2, compressor="cc", expand="conv"),
+    ],
+    ids=["ddl-cc-ec-dv4", "ddl-tc-ec-dv4", "write_only-cc-ec-dv2"],
+)
+def test_compiled_bf16_matches_eager_gpu(overrides):
+    cfg = ModelConfig(**{**GPU_SHAPE, **overrides})
+    eager = _perturbed(cfg, "cuda")
+    compiled = copy.deepcopy(eager)
+    fn = compile_model(compiled)
+    idx, targets = torch.randint(0, cfg.vocab_size, (2, 4, 128), device="cuda").unbind(0)
+    loss_32, grads_32 = _loss_and_grads(eager, eager.loss, idx, targets)  # eager fp32: the reference
+    loss_16, grads_16 = _loss_and_grads(eager, eager.loss, idx, targets, torch.bfloat16)
+    loss_c, grads_c = _loss_and_grads(compiled, fn, idx, targets, torch.bfloat16)
+    torch.testing.assert_close(loss_c, loss_32, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(loss_c, loss_16, rtol=1e-2, atol=1e-2)
+    _assert_grads_close(grads_c, grads_32, 3e-2)  # bf16 matmuls against fp32
+    _assert_grads_close(grads_c, grads_16, 3e-2)
+
+
+@pytest.mark.gpu
+@cuda
+def test_per_channel_matches_vectorised_gpu(monkeypatch):
+    X, k = torch.randn(4, 64, 256, 4, device="cuda"), torch.randn(4, 64, 256, device="cuda")
+    v, beta = torch.randn(4, 64, 4, device="cuda"), 2 * torch.rand(4, 64, device="cuda")
+    out_pc, grads_pc = grads_of(ops.delta_update, X, k, v, beta)  # CUDA: per channel
+    monkeypatch.setattr(ops, "PER_CHANNEL_MAX_DV", 0)
+    out_vec, grads_vec = grads_of(ops.delta_update, X, k, v, beta)
+    torch.testing.assert_close(out_pc, out_vec, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads_pc, grads_vec, strict=True):
+        assert rel(a, b) < 1e-5
+
+
+@pytest.mark.gpu
+@cuda
+def test_compiled_loss_matches_chunked_gpu():
+    hidden = torch.randn(3, 100, 64, device="cuda", requires_grad=True)
+    weight = torch.randn(1000, 64, device="cuda", requires_grad=True)
+    targets = torch.randint(0, 1000, (3, 100), device="cuda")
+    targets[0, :7] = -100
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        eager = linear_cross_entropy(hidden, weight, targets, chunk=64)
+        compiled = torch.compile(linear_cross_entropy, fullgraph=True)(hidden, weight, targets)
+    g_eager = torch.autograd.grad(eager, (hidden, weight))
+    g_comp = torch.autograd.grad(compiled, (hidden, weight))
+    torch.testing.assert_close(compiled, eager, rtol=1e-3, atol=1e-3)
+    for a, b in zip(g_comp, g_eager, strict=True):
+        assert rel(a, b) < 1e-2
