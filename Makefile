@@ -39,5 +39,8 @@ format: install  ## ruff format + autofix
 bench: install  ## time every variant (GPU: paper small shape; CPU: tiny); ARGS passes flags
 	$(BIN)/python -m deepdelta.bench $(ARGS)
 
+data: install  ## tokenise a corpus into the shared cache ahead of training; ARGS="data=text data.paths=[corpus/*.txt]"
+	$(BIN)/python -m deepdelta.data prepare $(ARGS)
+
 clean:  ## remove outputs (not the data cache)
 	rm -rf outputs multirun

@@ -49,11 +49,13 @@ def test_ratios_use_the_additive_row_of_the_same_length():
     assert "| -" in bench.format_table(rows)
 
 
-def test_tune_sets_ops_constant(monkeypatch):
-    from deepdelta.model import ops
+def test_tune_sets_inductor_config(monkeypatch):
+    import torch._inductor.config as inductor_config
 
-    monkeypatch.setattr(ops, "PER_CHANNEL_MAX_DV", ops.PER_CHANNEL_MAX_DV)
-    bench.apply_tune("ops.PER_CHANNEL_MAX_DV=0")
-    assert ops.PER_CHANNEL_MAX_DV == 0
+    monkeypatch.setattr(inductor_config, "unroll_reductions_threshold", inductor_config.unroll_reductions_threshold)
+    bench.apply_tune("inductor.unroll_reductions_threshold=4")
+    assert inductor_config.unroll_reductions_threshold == 4
     with pytest.raises(ValueError):
         bench.apply_tune("nothing.x=1")
+    with pytest.raises(ValueError):
+        bench.apply_tune("inductor.no_such_knob=1")

@@ -1,8 +1,7 @@
 """The fast training path computes the same function as the plain ops.
 
-CPU: the per-channel form of the DDL update (what CUDA runs, fused by torch.compile)
-against the vectorised form; the narrow linear maps and the one-convolution `tc` read
-against their plain definitions; the compiled model against the eager one (slow); one
+CPU: the narrow linear maps and the one-convolution `tc` read against their plain
+definitions; the compiled model against the eager one (slow); one
 training step. GPU (``-m gpu``): the compiled bf16 training path against eager fp32 and
 eager bf16, forward and gradients, for the DDL variants, and the compiled loss.
 """
@@ -15,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from deepdelta.model import DeltaTransformer, ModelConfig, ops
+from deepdelta.model import DeltaTransformer, ModelConfig
 from deepdelta.model.fastpath import compile_model, make_optimizer, make_train_step
 from deepdelta.model.loss import linear_cross_entropy
 from deepdelta.model.residual import narrow_linear
@@ -26,31 +25,6 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)).item()
-
-
-def grads_of(fn, *tensors):
-    tensors = [t.detach().clone().requires_grad_() for t in tensors]
-    out = fn(*tensors)
-    weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device=out.device).view(out.shape)
-    (out * weights).sum().backward()
-    return out.detach(), [t.grad for t in tensors]
-
-
-@pytest.mark.parametrize("update", [ops.delta_update, ops.write_only_update])
-@pytest.mark.parametrize("dv", [2, 4, 8])
-def test_per_channel_form_matches_vectorised(monkeypatch, update, dv):
-    g = torch.Generator().manual_seed(dv)
-    X, k = torch.randn(3, 7, 24, dv, generator=g), torch.randn(3, 7, 24, generator=g)
-    v, beta = torch.randn(3, 7, dv, generator=g), 2 * torch.rand(3, 7, generator=g)
-    monkeypatch.setattr(ops, "_per_channel", lambda state: True)
-    out_pc, grads_pc = grads_of(update, X, k, v, beta)
-    read_pc = ops.read(X, k)
-    monkeypatch.setattr(ops, "_per_channel", lambda state: False)
-    out_vec, grads_vec = grads_of(update, X, k, v, beta)
-    torch.testing.assert_close(out_pc, out_vec, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(read_pc, ops.read(X, k), rtol=1e-6, atol=1e-6)
-    for a, b in zip(grads_pc, grads_vec, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("outputs", [1, 4, 8, 16])
@@ -158,19 +132,6 @@ def test_compiled_bf16_matches_eager_gpu(overrides):
     torch.testing.assert_close(loss_c, loss_16, rtol=1e-2, atol=1e-2)
     _assert_grads_close(grads_c, grads_32, 3e-2)  # bf16 matmuls against fp32
     _assert_grads_close(grads_c, grads_16, 3e-2)
-
-
-@pytest.mark.gpu
-@cuda
-def test_per_channel_matches_vectorised_gpu(monkeypatch):
-    X, k = torch.randn(4, 64, 256, 4, device="cuda"), torch.randn(4, 64, 256, device="cuda")
-    v, beta = torch.randn(4, 64, 4, device="cuda"), 2 * torch.rand(4, 64, device="cuda")
-    out_pc, grads_pc = grads_of(ops.delta_update, X, k, v, beta)  # CUDA: per channel
-    monkeypatch.setattr(ops, "PER_CHANNEL_MAX_DV", 0)
-    out_vec, grads_vec = grads_of(ops.delta_update, X, k, v, beta)
-    torch.testing.assert_close(out_pc, out_vec, rtol=1e-5, atol=1e-5)
-    for a, b in zip(grads_pc, grads_vec, strict=True):
-        assert rel(a, b) < 1e-5
 
 
 @pytest.mark.gpu

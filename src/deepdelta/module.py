@@ -7,11 +7,10 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import MeanMetric
-from torchmetrics.classification import MulticlassAccuracy
 
+from deepdelta.data.synthetic import AnswerAccuracy
 from deepdelta.model import DeltaTransformer, ModelConfig, count_parameters, flops_per_token
 
 
@@ -36,7 +35,7 @@ class DeltaLM(L.LightningModule):
         self.compile = compile
         self._loss = self.model.loss
         self.val_loss = MeanMetric()
-        self.val_answer_acc = MulticlassAccuracy(num_classes=self.config.vocab_size, average="micro")
+        self.val_answer_acc = AnswerAccuracy()  # whole answers right, for synthetic probes
         self.tokens_per_step = 0  # set on the first batch: micro-batch tokens × world × accumulation
         self.flops_per_batch = 0  # read by Lightning's ThroughputMonitor (per device)
         self.last_loss: Tensor | None = None
@@ -69,9 +68,7 @@ class DeltaLM(L.LightningModule):
         x, y = batch[0], batch[1]
         self.val_loss.update(self.model.loss(x, y), weight=y.numel())
         if len(batch) > 2:  # synthetic probes: exact-answer accuracy at the answer positions
-            mask = batch[2]
-            logits = F.linear(self.model.hidden(x)[mask], self.model.embed.weight)
-            self.val_answer_acc.update(logits.argmax(-1), y[mask])
+            self.val_answer_acc.update(self.model(x), y, batch[2])
             self.log("val/answer_acc", self.val_answer_acc, on_epoch=True)
 
     def on_validation_epoch_end(self) -> None:

@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
 
-from deepdelta.analysis.mechanism import COLUMNS, beta_stats, metric_name, probe_stats, rows_to_metrics
+from deepdelta.analysis.mechanism import COLUMNS, beta_stats, metric_name, probe_stats, read_probes, rows_to_metrics
 from deepdelta.callbacks import MechanismProbe
 from deepdelta.model import DeltaTransformer, ModelConfig
 from deepdelta.model.residual import Gate, ResidualRule
@@ -228,3 +228,10 @@ def test_additive_run_reports_no_gate_without_failing(tmp_path):
 def test_every_n_steps_is_validated():
     with pytest.raises(ValueError, match="every_n_steps: got 0"):
         MechanismProbe(every_n_steps=0)
+
+
+def test_a_resumed_run_probing_a_step_twice_keeps_the_last(tmp_path):
+    path = tmp_path / "probes.csv"
+    rows = [{"step": s, "sublayer": "0.attn", "beta_mean": v} for s, v in [(0, 1.0), (25, 0.9), (25, 0.8), (50, 0.7)]]
+    pd.DataFrame(rows).to_csv(path, index=False)
+    assert list(read_probes(path)["beta_mean"]) == [1.0, 0.8, 0.7]

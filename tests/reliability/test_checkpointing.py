@@ -94,19 +94,20 @@ class CrashAt(L.Callback):
             raise RuntimeError("crash")
 
 
-def _fit(root, steps=12, ckpt_path=None, crash=None):
+def _fit(root, steps=12, ckpt_path=None, crash=None, accumulate=1, extra=()):
     L.seed_everything(0)
     model = Noisy()
-    callbacks = [Checkpoint(dirpath=root / "checkpoints", save_top_k=0, every_n_train_steps=5)]
+    callbacks = [Checkpoint(dirpath=root / "checkpoints", save_top_k=0, every_n_train_steps=5), *extra]
     callbacks += [CrashAt(crash)] if crash else []
     trainer = L.Trainer(
-        max_steps=steps, val_check_interval=5, limit_val_batches=2, check_val_every_n_epoch=None, logger=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks, plugins=[AtomicCheckpointIO()],
-        default_root_dir=root, num_sanity_val_steps=0,
+        max_steps=steps, val_check_interval=5 * accumulate, limit_val_batches=2, check_val_every_n_epoch=None,
+        logger=False, enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()], default_root_dir=root, num_sanity_val_steps=0,
+        accumulate_grad_batches=accumulate,
     )  # fmt: skip
     try:
         trainer.fit(model, ckpt_path=ckpt_path, weights_only=True)
-    except RuntimeError:
+    except (RuntimeError, Preempted):
         pass
     return model.net.state_dict()
 
@@ -154,11 +155,16 @@ def test_resume_replays_the_runs_overrides(tmp_path):
 
 
 class SignalAt(L.Callback):
-    def __init__(self, step: int, sig: int):
-        self.step, self.sig = step, sig
+    """Sends ``sig`` to this process at the start of optimizer step ``at`` (or of micro-batch ``at``)."""
+
+    def __init__(self, at: int, sig: int, micro: bool = False):
+        self.at, self.sig, self.micro = at, sig, micro
+        self.sent = False
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step + 1 == self.step:  # arrives in the middle of step 7
+        now = batch_idx + 1 if self.micro else trainer.global_step + 1
+        if now == self.at and not self.sent:
+            self.sent = True
             os.kill(os.getpid(), self.sig)
 
 
@@ -207,3 +213,14 @@ def test_run_directories_are_unique(tmp_path):
         assert re.fullmatch(r"outputs/runs/\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_[0-9a-f]{4}", run_dir), run_dir
         assert re.fullmatch(r"outputs/sweeps/\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_[0-9a-f]{4}", sweep_dir), sweep_dir
     assert outs[0][0] != outs[1][0]
+
+
+def test_preemption_mid_accumulation_waits_for_the_optimizer_step(tmp_path):
+    """With gradient accumulation a signal between micro-batches is honoured after the step: nothing is lost."""
+    reference = _fit(tmp_path / "a", accumulate=2)
+    _fit(tmp_path / "b", accumulate=2, extra=[SignalAt(13, signal.SIGTERM, micro=True)])  # 1st micro-batch of step 7
+    saved = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert saved["global_step"] == 7  # saved once micro-batch 14 completed step 7, not half-way
+    resumed = _fit(tmp_path / "b", accumulate=2, ckpt_path=str(tmp_path / "b" / "checkpoints" / "last.ckpt"))
+    for key in reference:
+        assert torch.equal(reference[key], resumed[key]), key

@@ -17,7 +17,7 @@ def test_nan_stops_with_step_loss_layers_and_last_checkpoint(train, tmp_path):
     assert "training diverged at step 13: loss = nan" in out
     assert "non-finite β in sublayers: 1.attn, 1.mlp" in out  # layer 0 stays finite: the fault is in layer 1
     assert "non-finite ‖k̃‖ in sublayers: 1.attn, 1.mlp" in out
-    assert "non-finite activations from: blocks.1.norm_attn" in out
+    assert "non-finite activations, first in execution order: blocks.1.norm_attn," in out
     assert f"last good checkpoint: {run / 'checkpoints' / 'last.ckpt'} (step 10)" in out
     assert "callbacks.divergence.max_skips=N" in out
     summary = json.loads((run / "summary.json").read_text())

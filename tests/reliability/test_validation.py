@@ -139,3 +139,14 @@ def test_cli_never_reuses_another_runs_directory(cli, tmp_path):
     assert proc.returncode != 0
     assert f"output directory {run} is already used" in proc.stderr + proc.stdout
     assert not (run / ".hydra").exists()  # refused before Hydra wrote anything into it
+
+
+def test_corpus_shorter_than_a_window_is_reported_before_training(configs, tmp_path):
+    corpus = tmp_path / "tiny.txt"
+    corpus.write_text("too short for one window\n")
+    cfg = configs("data=text", f"data.paths=[{corpus}]", f"paths.cache_dir={tmp_path / 'cache'}", "data.val_fraction=0")
+    assert validate.problems(cfg, tmp_path / "run") == []  # the config itself is fine
+    from hydra.utils import instantiate
+
+    found = validate.data_problems(instantiate(cfg.data, progress=False))
+    assert len(found) == 1 and "fewer than block_size + 1 = 129" in found[0], found

@@ -8,7 +8,9 @@ logging), so the callback, the tests and a notebook all compute the same thing.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -126,3 +128,9 @@ def rows_to_metrics(rows: list[dict[str, float | int | str]]) -> dict[str, float
             if not math.isnan(value):
                 out[metric_name(col, str(row["sublayer"]))] = value
     return out
+
+
+def read_probes(path: Path) -> pd.DataFrame:
+    """A probes.csv; where a resumed run probed a step twice, its last probe wins."""
+    frame = pd.read_csv(path)
+    return frame.drop_duplicates(["step", "sublayer"], keep="last").reset_index(drop=True)

@@ -20,6 +20,8 @@ from typing import Any
 import pandas as pd
 from omegaconf import OmegaConf
 
+from deepdelta.analysis.mechanism import read_probes
+
 # Config keys that do not change what is trained (where outputs go, how it is logged).
 IGNORED_PREFIXES = ("seed", "data.seed", "paths.", "logger.", "callbacks.", "hydra.", "tags", "project", "ckpt_path")
 IGNORED_KEYS = {"trainer.default_root_dir", "dry_run"}
@@ -94,7 +96,7 @@ class Run:
     def probes(self) -> pd.DataFrame:
         """The mechanism probes (one row per step × sublayer); empty for additive runs."""
         file = self.path / "probes.csv"
-        return pd.read_csv(file) if file.exists() else pd.DataFrame()
+        return read_probes(file) if file.exists() else pd.DataFrame()
 
     @property
     def seed(self) -> int:

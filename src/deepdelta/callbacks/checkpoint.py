@@ -150,6 +150,7 @@ class Checkpoint(ModelCheckpoint):
         self._signal: str | None = None
         self._previous: dict[int, Any] = {}  # signal -> the handler we displaced (submitit's, ...)
         self.preempted_by: str | None = None  # read by the runner: "preempted", not "failed"
+        self.last_saved_step: int | None = None  # the step of last_model_path, also after a resume
         self._pending_rng: dict[str, Any] | None = None
         self._val_rng: dict[str, Any] | None = None
 
@@ -187,11 +188,12 @@ class Checkpoint(ModelCheckpoint):
 
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "rng": self._val_rng or rng_state()}
+        return {**super().state_dict(), "rng": self._val_rng or rng_state(), "saved_step": self.last_saved_step}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
         self._pending_rng = state_dict.pop("rng", None)
+        self.last_saved_step = state_dict.pop("saved_step", None)
         super().load_state_dict(state_dict)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
@@ -245,6 +247,7 @@ class Checkpoint(ModelCheckpoint):
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         for logger in trainer.loggers:  # the CSV logger buffers 100 steps: make metrics up to here survive a kill
             logger.save()
+        self.last_saved_step = trainer.global_step  # part of the state being saved
         super()._save_checkpoint(trainer, filepath)
 
     def save_last_now(self, trainer: L.Trainer) -> None:
@@ -252,10 +255,18 @@ class Checkpoint(ModelCheckpoint):
         self._last_global_step_saved = trainer.global_step
 
     def _stop_reason(self, trainer: L.Trainer) -> str | None:
-        reason = self._signal or ("SIGTERM" if trainer.received_sigterm else None)
+        """The signal to stop for, once at an optimizer-step boundary (None: keep training)."""
+        if trainer.received_sigterm and self._signal is None:
+            self._signal = "SIGTERM"
+            # take over from Lightning, which would stop right after this micro-batch, mid-accumulation too,
+            # and lose the gradients accumulated so far
+            trainer._signal_connector.received_sigterm = False
+        reason = self._signal
         if trainer.world_size > 1:  # every rank must take the collective save together
             stop = trainer.strategy.reduce_boolean_decision(reason is not None, all=False)
             reason = (reason or "SIGTERM") if stop else None
+        if reason and trainer.fit_loop.epoch_loop._should_accumulate():
+            return None  # the optimizer step of this accumulation window is still to come
         return reason
 
 

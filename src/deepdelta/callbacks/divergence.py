@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -92,8 +93,11 @@ class DivergenceGuard(Callback):
             lines.append(f"non-finite weights before this step: {_names(bad_weights)}")
         ckpt = trainer.checkpoint_callback
         last = getattr(ckpt, "last_model_path", "") if ckpt is not None else ""
-        saved = getattr(ckpt, "_last_global_step_saved", 0)
-        lines.append(f"last good checkpoint: {last} (step {saved})" if last else "last good checkpoint: none saved yet")
+        saved = getattr(ckpt, "last_saved_step", None)
+        if last and os.path.exists(last):
+            lines.append(f"last good checkpoint: {last}" + (f" (step {saved})" if saved is not None else ""))
+        else:
+            lines.append("last good checkpoint: none saved yet")
         run_dir = trainer.default_root_dir
         lines.append(
             f"to go on from it: lower optim.lr or raise optim.warmup_steps and pass resume={run_dir}; "
@@ -120,7 +124,7 @@ def _probe_lines(trainer: L.Trainer, model: nn.Module, idx: torch.Tensor) -> lis
     if not probes:
         lines.append("β and ‖k̃‖: none recorded (additive residual has no gate)")
     lines.append(
-        f"non-finite activations from: {_names(seen, limit=3)} (first in execution order)"
+        f"non-finite activations, first in execution order: {_names(seen, limit=3)}"
         if seen
         else "activations: all finite when the batch is re-run (a transient fault, or the backward pass)"
     )
@@ -151,8 +155,8 @@ def _first_nonfinite(model: nn.Module) -> Iterator[list[str]]:
 
 def _names(names: list[str], limit: int = 8) -> str:
     shown = ", ".join(names[:limit])
-    return shown + (f", … ({len(names)} in all)" if len(names) > limit else "")
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def _examples(names: list[str]) -> str:
-    return f" (e.g. {_names(names, limit=3)})" if names else ""
+    return f": {_names(names, limit=3)}" if names else ""

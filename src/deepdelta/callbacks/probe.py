@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 from lightning.pytorch.loggers import WandbLogger
 
-from deepdelta.analysis.mechanism import COLUMNS, probe_stats, rows_to_metrics
+from deepdelta.analysis.mechanism import COLUMNS, probe_stats, read_probes, rows_to_metrics
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,8 @@ class MechanismProbe(L.Callback):
 
         from deepdelta.analysis.figures import beta_heatmap
 
-        frame = pd.DataFrame(self.rows)
+        path = self.path(trainer)  # the whole table: a resumed run's heatmap covers the steps before too
+        frame = read_probes(path) if path.exists() else pd.DataFrame(self.rows)
         fig = beta_heatmap(frame, pl_module.config.beta_max)
         payload = {"beta_heatmap": wandb.Image(fig), "probes": wandb.Table(dataframe=frame)}
         for logger in wandb_loggers:

@@ -44,9 +44,10 @@ def compile_model(
     (an instance attribute, so the state_dict is unchanged), which is also returned.
 
     ``regional=True`` compiles each Block (one compilation, reused by all identical
-    blocks) and the LM head + cross-entropy; the embedding, input expansion and readout
-    stay eager (a few small kernels). It compiles several times faster than the whole
-    model in one graph at the same speed. ``regional=False`` compiles ``model.loss`` whole.
+    blocks), the input expansion, the readout and the LM head + cross-entropy, each on
+    its own; the embedding lookup and the final RMSNorm stay eager. It compiles
+    several times faster than the whole model in one graph. ``regional=False`` compiles
+    ``model.loss`` whole.
     ``fullgraph=True`` turns any graph break into an error.
     """
     if not regional:
@@ -54,6 +55,8 @@ def compile_model(
     else:
         for block in model.blocks:
             block.compile(mode=mode, fullgraph=fullgraph)
+        for module in (model.expand, model.readout):  # eager, these cost ~4 ms/step at dv=4
+            module.compile(mode=mode, fullgraph=fullgraph)
         head_loss = torch.compile(linear_cross_entropy, mode=mode, fullgraph=fullgraph)
 
         def compiled(idx: Tensor, targets: Tensor, chunk: int = 8192) -> Tensor:

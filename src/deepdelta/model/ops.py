@@ -35,37 +35,19 @@ def normalize_key(k: Tensor, k_eps: float = 1e-5) -> Tensor:
     return k_hat.to(k.dtype)
 
 
-# Up to this many value channels the state is read and written one channel at a time (a
-# Python loop over at most 8 slices of the same arithmetic). torch.compile then turns the
-# key norm, the reads, the comparison and the write of every channel into one kernel over
-# each token's row (one pass over the state), where the vectorised form, whose reduction
-# runs across the channel-interleaved layout, costs a separate strided pass. Above it the
-# vectorised form keeps the graph small. Both give the same numbers up to fp32 rounding.
-# CUDA only: on CPU the vectorised form is as fast, and torch 2.13's inductor miscompiles
-# the key's gradient of the per-channel form in its vectorised C++ code (cpp.simdlen > 1).
-PER_CHANNEL_MAX_DV = 8
-
-
-def _per_channel(state: Tensor) -> bool:
-    return state.is_cuda and 1 < state.shape[-1] <= PER_CHANNEL_MAX_DV
-
-
 def read(state: Tensor, k_hat: Tensor) -> Tensor:
     """k̂ᵀX: the state's content along k̂, one number per value channel ``(..., dv)``.
 
-    Written as products and sums (not a batched matmul) so that it runs in the state's
-    dtype even under autocast, and so that torch.compile fuses it with the update.
+    Written as a product and a sum (not a batched matmul) so that it runs in the state's
+    dtype even under autocast, and so that torch.compile fuses it with the key norm.
+    (A per-channel loop, to fuse the read and the write in one kernel, measured no
+    faster under torch.compile and used more memory: docs/benchmarks.md.)
     """
-    k_hat = k_hat.to(state.dtype)
-    if _per_channel(state):
-        return torch.stack([(k_hat * x).sum(-1) for x in state.unbind(-1)], -1)
-    return (k_hat[..., :, None] * state).sum(-2)
+    return (k_hat.to(state.dtype)[..., :, None] * state).sum(-2)
 
 
 def _write(state: Tensor, direction: Tensor, value: Tensor) -> Tensor:
     """X + direction ⊗ value, ``direction`` (..., d), ``value`` (..., dv)."""
-    if _per_channel(state):
-        return torch.stack([x + direction * value[..., j, None] for j, x in enumerate(state.unbind(-1))], -1)
     return state + direction[..., :, None] * value[..., None, :]
 
 
