@@ -6,7 +6,7 @@ SWEEP   ?= grid
 ARGS    ?=
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help install train sweep test test-all lint format bench data report clean
+.PHONY: help install train sweep test lint format bench bench-ddp data report clean
 help:  ## list targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
@@ -38,6 +38,9 @@ format: install  ## ruff format + autofix
 
 bench: install  ## time every variant (GPU: paper small shape; CPU: tiny); ARGS passes flags
 	$(BIN)/python -m deepdelta.bench $(ARGS)
+
+bench-ddp: install  ## DDP scaling on this node: the small model on 1 GPU vs GPUS (default 2) at the same per-GPU batch
+	$(BIN)/python -m deepdelta.scaling --gpus $(or $(GPUS),2) $(ARGS)
 
 data: install  ## tokenise a corpus into the shared cache ahead of training; ARGS="data=text data.paths=[corpus/*.txt]"
 	$(BIN)/python -m deepdelta.data prepare $(ARGS)

@@ -137,15 +137,21 @@ def bench_variant(
         torch.cuda.reset_peak_memory_stats(device)
 
     times: list[float] = []
+    host: list[float] = []
+    alloc_retries = None
     if device.type == "cuda":
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)]
+        retries = torch.cuda.memory_stats(device).get("num_alloc_retries", 0)
         for i, (start, end) in enumerate(events):
+            t = time.perf_counter()
             start.record()
             last_loss = step(*batches[i % len(batches)])
             end.record()
+            host.append(time.perf_counter() - t)  # the host's time to enqueue the step
         torch.cuda.synchronize(device)
         times = [start.elapsed_time(end) / 1e3 for start, end in events]
         peak_mem = torch.cuda.max_memory_allocated(device)
+        alloc_retries = torch.cuda.memory_stats(device).get("num_alloc_retries", 0) - retries
     else:
         for i in range(steps):
             t = time.perf_counter()
@@ -169,6 +175,8 @@ def bench_variant(
         mfu=fpt * tok_s / peak if peak else None,
         peak_mem_gib=peak_mem / 2**30 if peak_mem is not None else None,
         first_step_s=first_s,
+        host_ms=statistics.median(host) * 1e3 if host else None,
+        alloc_retries=alloc_retries,
         loss_first=float(first_loss),
         loss_last=float(last_loss),
     )
@@ -334,7 +342,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             if "error" not in row:
                 print(
                     f"  {name} T={seq}: {row['tok_s']:,.0f} tok/s, step {row['step_ms']:.1f} ms, "
-                    f"first step {row['first_step_s']:.1f} s, loss {row['loss_first']:.3f}→{row['loss_last']:.3f}",
+                    f"first step {row['first_step_s']:.1f} s, loss {row['loss_first']:.3f}→{row['loss_last']:.3f}"
+                    + (f", host {row['host_ms']:.1f} ms/step" if row["host_ms"] is not None else "")
+                    + (f", alloc retries {row['alloc_retries']}" if row["alloc_retries"] is not None else ""),
                     flush=True,
                 )
             else:

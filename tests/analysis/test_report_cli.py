@@ -28,7 +28,7 @@ def test_sweep_report_has_seed_statistics(tiny_sweep, cache_dir):
     assert f"report: {tiny_sweep / 'report.md'}" in proc.stdout
     text = (tiny_sweep / "report.md").read_text()
     ddl_row = next(line for line in text.splitlines() if line.startswith("| residual=ddl "))
-    assert re.search(r"\| 2 +\| \d\.\d{4} ± \d\.\d{4} +\| [\d.]+ ± [\d.]+ +\| [+-]\d\.\d{4} \[", ddl_row), ddl_row
+    assert re.search(r"\| +2 +\| \d\.\d{4} ± \d\.\d{4} +\| [\d.]+ ± [\d.]+ +\| [+-]\d\.\d{4} \[", ddl_row), ddl_row
     for name in ["loss", "beta_heatmaps", "regimes"]:
         assert f"](figures/{name}.png)" in text and (tiny_sweep / "figures" / f"{name}.png").exists()
     # the paired difference and its interval, by hand from the two runs of each configuration
