@@ -1,8 +1,8 @@
 """deepdelta training entry point: compose → validate → build → fit → summarise.
 
-    python src/train.py                                   # tiny DDL on the embedded corpus
-    python src/train.py -m residual=ddl,additive dv=1,2,4 # a sweep, one W&B run per job
-    python src/train.py --help                            # every config group and choice
+python src/train.py                                   # tiny DDL on the embedded corpus
+python src/train.py -m residual=ddl,additive dv=1,2,4 # a sweep, one W&B run per job
+python src/train.py --help                            # every config group and choice
 """
 
 from __future__ import annotations

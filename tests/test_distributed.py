@@ -11,8 +11,14 @@ import pytest
 from deepdelta.batching import plan_batch
 from tests.conftest import ROOT
 
-SMALL = ["model.n_layer=2", "model.block_size=64", "data.val_batches=4", "debug=fast", "trainer.max_steps=6",
-         "trainer.limit_val_batches=1.0"]
+SMALL = [
+    "model.n_layer=2",
+    "model.block_size=64",
+    "data.val_batches=4",
+    "debug=fast",
+    "trainer.max_steps=6",
+    "trainer.limit_val_batches=1.0",
+]
 
 
 @pytest.mark.parametrize(
@@ -56,7 +62,8 @@ def test_ddp_two_cpu_processes_match_single_process(cli, tmp_path, monkeypatch):
     solo = _rows(single, 0)
     assert len(solo) == 12
     for step in range(6):
-        assert set(rank0[step]["rows"]) | set(rank1[step]["rows"]) == set(solo[2 * step]["rows"] + solo[2 * step + 1]["rows"])
+        both = set(rank0[step]["rows"]) | set(rank1[step]["rows"])
+        assert both == set(solo[2 * step]["rows"] + solo[2 * step + 1]["rows"])
 
     m_ddp = pd.read_csv(ddp / "csv" / "metrics.csv")
     m_one = pd.read_csv(single / "csv" / "metrics.csv")

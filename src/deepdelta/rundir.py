@@ -99,6 +99,12 @@ def claim(directory: Path, resuming: bool) -> None:
             "location with hydra.run.dir=... (hydra.sweep.dir=... for -m)"
         ) from exc
     reason = occupied(directory)
+    alive = _live_owner(directory / CLAIM)
+    if alive:  # also when resuming: two processes must never train into one directory
+        raise RunDirError(
+            f"output directory {directory} belongs to a run that is still running ({alive}); if it is not, "
+            f"delete {directory / CLAIM}"
+        )
     if reason and not resuming:
         raise RunDirError(
             f"output directory {directory} is already used ({reason}); runs never share a directory: "
@@ -118,6 +124,24 @@ def claim(directory: Path, resuming: bool) -> None:
             f"output directory {directory} is not writable: {exc.strerror or exc}; choose another with "
             "hydra.run.dir=... (hydra.sweep.dir=... for -m)"
         ) from exc
+
+
+def _live_owner(path: Path) -> str | None:
+    """``pid N on HOST`` if the claim's process is alive on this host (and is not us)."""
+    try:
+        who = json.loads(path.read_text())
+        pid = int(who["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if who.get("host") != socket.gethostname() or pid == os.getpid():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass  # alive, owned by someone else
+    return f"pid {pid} on {who.get('host')}"
 
 
 class RunDirGuard(Callback):
@@ -159,6 +183,12 @@ def checkpoint_to_resume(cfg: DictConfig, run_dir: Path) -> str | None:
     from deepdelta.callbacks.checkpoint import find_last_checkpoint
 
     ckpt = cfg.get("ckpt_path")
+    resume = cfg.get("resume")
+    if resume and Path(str(resume)).resolve() != Path(run_dir).resolve():
+        raise RunDirError(
+            f"resume: got {resume!r}, but this run's directory is {run_dir} (hydra.run.dir given too?); "
+            "resume=<run dir> alone continues that run in its own directory"
+        )
     if ckpt not in (None, "last"):
         return str(ckpt)
     lenient = ckpt is None  # resume= / requeue: a run killed before its first checkpoint starts over

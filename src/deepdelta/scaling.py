@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides for both runs")
     a = p.parse_args(argv)
     common = [
-        f"model={a.model}", f"compile={str(a.compile).lower()}", f"global_batch={a.micro * a.gpus}", f"data.batch_size={a.micro}",
+        f"model={a.model}", f"compile={str(a.compile).lower()}", f"global_batch={a.micro * a.gpus}",
+        f"data.batch_size={a.micro}",
         f"trainer.max_steps={a.steps}", f"trainer.val_check_interval={a.steps // 4}", "trainer.limit_val_batches=1.0",
         "data.val_batches=4", "logger=csv", "callbacks.beta.every_n_steps=1000000",
         f"callbacks.model_checkpoint.every_n_train_steps={10 * a.steps}", "~callbacks.progress_bar", *a.overrides,

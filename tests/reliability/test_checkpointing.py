@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 
@@ -135,6 +137,15 @@ def test_claim_refuses_used_or_unwritable_directories(tmp_path):
     with pytest.raises(RunDirError, match="is already used .* continue that run with resume="):
         claim(run, resuming=False)
     claim(run, resuming=True)  # the same run, continued
+    owner = subprocess.Popen(["sleep", "60"])
+    try:  # ... but never while its process is still alive
+        (run / CLAIM).write_text(json.dumps({"pid": owner.pid, "host": socket.gethostname(), "started": "now"}))
+        with pytest.raises(RunDirError, match="belongs to a run that is still running"):
+            claim(run, resuming=True)
+    finally:
+        owner.kill()
+        owner.wait()
+    claim(run, resuming=True)
     blocker = tmp_path / "file"
     blocker.write_text("")
     with pytest.raises(RunDirError, match="cannot be created: Not a directory; choose a writable location"):
@@ -224,3 +235,14 @@ def test_preemption_mid_accumulation_waits_for_the_optimizer_step(tmp_path):
     resumed = _fit(tmp_path / "b", accumulate=2, ckpt_path=str(tmp_path / "b" / "checkpoints" / "last.ckpt"))
     for key in reference:
         assert torch.equal(reference[key], resumed[key]), key
+
+
+def test_resume_and_a_different_run_dir_conflict(tmp_path):
+    from omegaconf import OmegaConf
+
+    from deepdelta.rundir import checkpoint_to_resume
+
+    cfg = OmegaConf.create({"resume": str(tmp_path / "old"), "ckpt_path": None})
+    with pytest.raises(RunDirError, match="resume: got .* but this run's directory is"):
+        checkpoint_to_resume(cfg, tmp_path / "new")
+    assert checkpoint_to_resume(cfg, tmp_path / "old") is None  # nothing saved there yet: start from scratch

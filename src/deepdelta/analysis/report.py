@@ -54,7 +54,7 @@ class Report:
             elif kind == "p":
                 out += [str(body), ""]
             elif kind == "table":
-                out += [_blank_missing(body).to_markdown(index=False, floatfmt=".4g"), ""]
+                out += [_blank_missing(body).to_markdown(index=False, disable_numparse=True), ""]
             else:
                 src, caption = body
                 out += [f"![{caption}]({src})", "", f"*{caption}*", ""]
@@ -184,7 +184,7 @@ def _runs_table(runs: list[Run], groups: list[Group]) -> pd.DataFrame:
                 "status": r.status,
                 "val loss": round(loss, 4),
                 "val ppl": round(math.exp(loss), 2) if not math.isnan(loss) else math.nan,
-                "tokens": r.summary.get("tokens"),
+                "tokens": int(r.summary.get("tokens") or 0),
                 "tok/s": round(r.tokens_per_s, 1),
                 "error": str(r.summary.get("error") or "")[:60],
             }
