@@ -49,12 +49,15 @@ def test_ratios_use_the_additive_row_of_the_same_length():
     assert "| -" in bench.format_table(rows)
 
 
-def test_tune_sets_inductor_config(monkeypatch):
+def test_tune_sets_inductor_config():
     import torch._inductor.config as inductor_config
 
-    monkeypatch.setattr(inductor_config, "unroll_reductions_threshold", inductor_config.unroll_reductions_threshold)
-    bench.apply_tune("inductor.unroll_reductions_threshold=4")
-    assert inductor_config.unroll_reductions_threshold == 4
+    old = inductor_config.unroll_reductions_threshold  # (monkeypatch would delete the key on undo)
+    try:
+        bench.apply_tune("inductor.unroll_reductions_threshold=4")
+        assert inductor_config.unroll_reductions_threshold == 4
+    finally:
+        inductor_config.unroll_reductions_threshold = old
     with pytest.raises(ValueError):
         bench.apply_tune("nothing.x=1")
     with pytest.raises(ValueError):

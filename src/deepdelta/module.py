@@ -12,6 +12,7 @@ from torchmetrics import MeanMetric
 
 from deepdelta.data.synthetic import AnswerAccuracy
 from deepdelta.model import DeltaTransformer, ModelConfig, count_parameters, flops_per_token
+from deepdelta.model.fastpath import compile_model, configure_torch
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
@@ -33,7 +34,7 @@ class DeltaLM(L.LightningModule):
         self.model = DeltaTransformer(self.config)
         self.optim = dict(optim)
         self.compile = compile
-        self._loss = self.model.loss
+        self._compiled = False
         self.val_loss = MeanMetric()
         self.val_answer_acc = AnswerAccuracy()  # whole answers right, for synthetic probes
         self.tokens_per_step = 0  # set on the first batch: micro-batch tokens × world × accumulation
@@ -41,8 +42,11 @@ class DeltaLM(L.LightningModule):
         self.last_loss: Tensor | None = None
 
     def configure_model(self) -> None:
-        if self.compile and self._loss is self.model.loss:
-            self._loss = torch.compile(self.model.loss)
+        # the bench's fast path (deepdelta.model.fastpath): each block compiled once, fullgraph
+        if self.compile and not self._compiled:
+            configure_torch()
+            compile_model(self.model, regional=True)
+            self._compiled = True
 
     @property
     def parameter_counts(self) -> dict[str, int]:
@@ -56,7 +60,7 @@ class DeltaLM(L.LightningModule):
         if not self.tokens_per_step:
             self.flops_per_batch = flops_per_token(self.config, x.shape[1]) * x.numel()
             self.tokens_per_step = x.numel() * self.trainer.world_size * self.trainer.accumulate_grad_batches
-        loss = self._loss(x, y)
+        loss = self.model.loss(x, y)
         self.last_loss = loss.detach()  # read by DivergenceGuard before the optimizer step
         step = self.global_step + 1
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # the global batch's loss under DDP
@@ -76,9 +80,18 @@ class DeltaLM(L.LightningModule):
         self.log_dict({"val/loss": loss, "val/ppl": torch.exp(loss)}, prog_bar=True, sync_dist=False)
         self.val_loss.reset()
 
+    def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:  # fmt: skip
+        # Lightning refuses to clip for fused optimizers under mixed precision because fp16's
+        # grad scaler would need unscaling first; bf16 and fp32 have no scaler, so clip directly.
+        if self.trainer.precision.startswith("16"):
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        if gradient_clip_val:
+            torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
+
     def configure_optimizers(self) -> dict[str, Any]:
         o = self.optim
-        fused = self.device.type == "cuda"
+        fused = self.device.type == "cuda" and not self.trainer.precision.startswith("16")  # fp16 needs the scaler path
         optimizer = torch.optim.AdamW(
             self.model.parameter_groups(o["weight_decay"]), lr=o["lr"], betas=tuple(o["betas"]), fused=fused
         )

@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", default="small")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--out", type=Path, default=Path("outputs/scaling"))
+    p.add_argument("--repeat", action="store_true", help="run the 1-GPU config twice: shows run-to-run noise")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides for both runs")
     a = p.parse_args(argv)
     common = [
@@ -56,12 +57,18 @@ def main(argv: list[str] | None = None) -> None:
     run_cli(["trainer=ddp", f"trainer.devices={a.gpus}", *common, f"hydra.run.dir={many}"])
     tps1, val1 = throughput(one, 1)
     tpsn, valn = throughput(many, a.gpus)
+    val1b = None
+    if a.repeat:
+        run_cli(["trainer=gpu", *common, f"hydra.run.dir={a.out / 'gpu1-repeat'}"])
+        val1b = throughput(a.out / "gpu1-repeat", 1)[1]
     print("\n| GPUs | global batch | tok/s | speed-up |\n| --- | --- | --- | --- |")
     print(f"| 1 | {a.micro * a.gpus} ({a.gpus} × {a.micro}, accumulated) | {tps1:,.0f} | 1.00× |")
     print(f"| {a.gpus} | {a.micro * a.gpus} ({a.gpus} × {a.micro}) | {tpsn:,.0f} | {tpsn / tps1:.2f}× |")
-    print("\n| step | val loss, 1 GPU | val loss, DDP |\n| --- | --- | --- |")
+    extra = " val loss, 1 GPU again |" if val1b is not None else ""
+    print(f"\n| step | val loss, 1 GPU | val loss, DDP |{extra}\n| --- | --- | --- |{' --- |' if extra else ''}")
     for step in val1.index:
-        print(f"| {step} | {val1[step]:.4f} | {valn.get(step, float('nan')):.4f} |")
+        again = f" {val1b.get(step, float('nan')):.4f} |" if val1b is not None else ""
+        print(f"| {step} | {val1[step]:.4f} | {valn.get(step, float('nan')):.4f} |{again}")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 from deepdelta.analysis.mechanism import COLUMNS, beta_stats, metric_name, probe_stats, read_probes, rows_to_metrics
-from deepdelta.callbacks import MechanismProbe
+from deepdelta.callbacks import MechanismProbe, PeakMemory
 from deepdelta.model import DeltaTransformer, ModelConfig
 from deepdelta.model.residual import Gate, ResidualRule
 from deepdelta.module import DeltaLM
@@ -170,7 +170,9 @@ class Tokens(L.LightningDataModule):
         return self._loader()
 
 
-def fit(tmp_path, residual: str, steps: int = 4, every: int = 2, logit: float | None = None) -> MechanismProbe:
+def fit(
+    tmp_path, residual: str, steps: int = 4, every: int = 2, logit: float | None = None, extra=()
+) -> MechanismProbe:
     torch.manual_seed(0)
     module = DeltaLM(model=dict(TINY, residual=residual), optim=dict(OPTIM, lr=0.0 if logit is not None else 1e-3))
     if logit is not None:
@@ -180,7 +182,7 @@ def fit(tmp_path, residual: str, steps: int = 4, every: int = 2, logit: float | 
                 gate.out.bias.fill_(logit)
     callback = MechanismProbe(every_n_steps=every)
     trainer = L.Trainer(
-        max_steps=steps, logger=CSVLogger(tmp_path, name="csv", version=""), callbacks=[callback],
+        max_steps=steps, logger=CSVLogger(tmp_path, name="csv", version=""), callbacks=[callback, *extra],
         default_root_dir=tmp_path, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         limit_val_batches=1, val_check_interval=steps, check_val_every_n_epoch=None, num_sanity_val_steps=0,
         log_every_n_steps=1, accelerator="cpu", devices=1,
@@ -219,10 +221,11 @@ def test_callback_probe_batch_matches_direct_computation(tmp_path):
 
 
 def test_additive_run_reports_no_gate_without_failing(tmp_path):
-    callback = fit(tmp_path, "additive")
+    callback = fit(tmp_path, "additive", extra=[PeakMemory()])
     assert callback.rows == [] and not (tmp_path / "probes.csv").exists()
     metrics = pd.read_csv(tmp_path / "csv" / "metrics.csv")
     assert "train/loss" in metrics and not any(c.startswith(("beta/", "k/", "e_pre/")) for c in metrics)
+    assert (metrics["train/peak_mem_gb"].dropna() > 0.01).all()  # the process's peak RSS on CPU
 
 
 def test_every_n_steps_is_validated():

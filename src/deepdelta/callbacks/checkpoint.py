@@ -111,6 +111,9 @@ def find_last_checkpoint(run_dir: Path) -> Path | None:
     return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
 
 
+STOP_CHECK_EVERY = 10  # steps between the ranks' agreement on a pending preemption signal
+
+
 def rng_state() -> dict[str, Any]:
     """Every RNG the training step may draw from, as plain types (loadable with ``weights_only=True``)."""
     np_state = np.random.get_state()
@@ -263,6 +266,8 @@ class Checkpoint(ModelCheckpoint):
             trainer._signal_connector.received_sigterm = False
         reason = self._signal
         if trainer.world_size > 1:  # every rank must take the collective save together
+            if trainer.global_step % STOP_CHECK_EVERY:  # the same steps on every rank; a per-step all-reduce
+                return None  # would stall the GPU pipeline (preemption waits at most this many steps)
             stop = trainer.strategy.reduce_boolean_decision(reason is not None, all=False)
             reason = (reason or "SIGTERM") if stop else None
         if reason and trainer.fit_loop.epoch_loop._should_accumulate():
