@@ -45,5 +45,8 @@ bench-ddp: install  ## DDP scaling on this node: the small model on 1 GPU vs GPU
 data: install  ## tokenise a corpus into the shared cache ahead of training; ARGS="data=text data.paths=[corpus/*.txt]"
 	$(BIN)/python -m deepdelta.data prepare $(ARGS)
 
+report: install  ## report of a run (RUN=dir) or a sweep (SWEEP_DIR=dir): report.md, report.html, figures/*.png
+	$(BIN)/python -m deepdelta.analysis.report $(if $(RUN),--run $(RUN)) $(if $(SWEEP_DIR),--sweep $(SWEEP_DIR))
+
 clean:  ## remove outputs (not the data cache)
 	rm -rf outputs multirun

@@ -4,6 +4,4 @@ from deepdelta.callbacks.memory import PeakMemory
 from deepdelta.callbacks.probe import MechanismProbe
 from deepdelta.callbacks.throughput import TokenThroughput
 
-BetaMonitor = MechanismProbe  # the former name, for configs and checkpoints that still say it
-
-__all__ = ["BetaMonitor", "MechanismProbe", "PeakMemory", "TokenThroughput"]
+__all__ = ["MechanismProbe", "PeakMemory", "TokenThroughput"]

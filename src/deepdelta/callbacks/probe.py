@@ -122,13 +122,15 @@ class MechanismProbe(L.Callback):
         rows = [{"step": step, **r} for r in rows]
         self.rows.extend(rows)
         self._append(trainer, rows)
-        hist = self._histograms(records, pl_module.config.beta_max) if self.histograms else {}
-        self.seconds += time.perf_counter() - start
-        metrics = {**rows_to_metrics(rows), "probe/seconds": self.seconds}
+        wandb_on = any(isinstance(lg, WandbLogger) for lg in trainer.loggers)
+        hist = self._histograms(records, pl_module.config.beta_max) if self.histograms and wandb_on else {}
+        # cumulative cost so far; this probe's own logging is counted in the next value
+        metrics = {**rows_to_metrics(rows), "probe/seconds": self.seconds + time.perf_counter() - start}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
             if hist and isinstance(logger, WandbLogger):
                 logger.experiment.log({**hist, "trainer/global_step": step})
+        self.seconds += time.perf_counter() - start
         return rows
 
     def _append(self, trainer: L.Trainer, rows: list[dict[str, Any]]) -> None:
