@@ -89,6 +89,21 @@ def test_bad_value_fails_before_training(cli):
     assert "dv: got 0, allowed: an integer >= 1" in proc.stderr + proc.stdout
 
 
-def test_makefile_sweep_names_exist():
-    for name in ["grid", "paper_six"]:
-        assert (ROOT / "sweeps" / f"{name}.yaml").exists()
+@pytest.mark.parametrize(
+    "name, params",
+    [("grid", {"residual": "ddl,additive", "dv": "1,2,4"}),
+     ("paper_six", {"variant": "additive,ddl,ddl_tc_repeat,ddl_cc_repeat,ddl_tc,ddl_cc"})],
+)  # fmt: skip
+def test_named_sweeps_define_their_grid(name, params):
+    """`make sweep SWEEP=name` runs `python src/train.py -m sweep=name`: the file sets the grid."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[f"sweep={name}"], return_hydra_config=True)
+    assert dict(cfg.hydra.sweeper.params) == params
+    for variant in params.get("variant", "").split(","):
+        if variant:
+            with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+                composed = compose("train", overrides=[f"variant={variant}"])
+            expected_dv = 1 if variant in ("additive", "ddl") else 4
+            assert composed.dv == expected_dv and composed.model.dv == expected_dv
