@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from omegaconf import OmegaConf
 
+from deepdelta.model import ModelConfig
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
@@ -92,7 +94,9 @@ def test_bad_value_fails_before_training(cli):
 @pytest.mark.parametrize(
     "name, params",
     [("grid", {"residual": "ddl,additive", "dv": "1,2,4"}),
-     ("paper_six", {"variant": "additive,ddl,ddl_tc_repeat,ddl_cc_repeat,ddl_tc,ddl_cc"})],
+     ("paper_six", {"variant": "additive,ddl,ddl_tc_repeat,ddl_cc_repeat,ddl_tc,ddl_cc"}),
+     ("replication", {"variant": "additive,ddl,write_only,additive_cc,ddl_cc,write_only_cc,ddl_cc_project,ddl_cc_vmap",
+                      "seed": "0,1,2"})],
 )  # fmt: skip
 def test_named_sweeps_define_their_grid(name, params):
     """`make sweep SWEEP=name` runs `python src/train.py -m sweep=name`: the file sets the grid."""
@@ -105,5 +109,6 @@ def test_named_sweeps_define_their_grid(name, params):
         if variant:
             with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
                 composed = compose("train", overrides=[f"variant={variant}"])
-            expected_dv = 1 if variant in ("additive", "ddl") else 4
+            expected_dv = 1 if variant in ("additive", "ddl", "write_only") else 4
             assert composed.dv == expected_dv and composed.model.dv == expected_dv
+            ModelConfig(**OmegaConf.to_container(composed.model, resolve=True))  # every variant is valid
