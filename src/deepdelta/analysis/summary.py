@@ -71,7 +71,9 @@ def write_sweep_summary(sweep_dir: Path) -> pd.DataFrame:
     shown = frame.drop(columns=["run_dir"]).copy()
     shown["error"] = shown["error"].fillna("").astype(str).str.slice(0, 80)
     shown["log"] = [_relative(p, sweep_dir) for p in shown["log"]]
-    (sweep_dir / "summary.md").write_text(shown.to_markdown(index=False, floatfmt=".4g") + "\n")
+    formats = {"train_loss": ".4f", "val_loss": ".4f", "val_ppl": ".2f", "tokens": ",.0f", "tok_per_s": ",.0f"}
+    floatfmt = tuple(formats.get(col, "g") for col in shown.columns)
+    (sweep_dir / "summary.md").write_text(shown.to_markdown(index=False, floatfmt=floatfmt) + "\n")
     return frame
 
 
