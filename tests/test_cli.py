@@ -112,3 +112,21 @@ def test_named_sweeps_define_their_grid(name, params):
             expected_dv = 1 if variant in ("additive", "ddl", "write_only") else 4
             assert composed.dv == expected_dv and composed.model.dv == expected_dv
             ModelConfig(**OmegaConf.to_container(composed.model, resolve=True))  # every variant is valid
+
+
+GROUPS = sorted(p.name for p in (ROOT / "conf").iterdir() if p.is_dir() and p.name not in ("hydra", "paths"))
+
+
+@pytest.mark.parametrize(
+    "group, option",
+    [(g, f.stem) for g in GROUPS for f in sorted((ROOT / "conf" / g).glob("*.yaml"))],
+)
+def test_every_group_option_composes_to_a_valid_model(group, option):
+    from hydra import compose, initialize_config_dir
+
+    overrides = [f"{group}={option}"] + (["data.paths=[x.txt]"] if (group, option) == ("data", "text") else [])
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    ModelConfig(**OmegaConf.to_container(cfg.model, resolve=True))
+    assert cfg.data._target_ == "deepdelta.data.TokenDataModule"
+    assert cfg.trainer._target_ == "lightning.pytorch.Trainer"
