@@ -11,8 +11,8 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 
 from deepdelta.data.synthetic import AnswerAccuracy
-from deepdelta.model import DeltaTransformer, ModelConfig, count_parameters, flops_per_token
-from deepdelta.model.fastpath import compile_model, configure_torch
+from deepdelta.model import DeltaTransformer, ModelConfig, flops_per_token
+from deepdelta.model.fastpath import compile_model, configure_torch, make_optimizer
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
@@ -47,10 +47,6 @@ class DeltaLM(L.LightningModule):
             configure_torch()
             compile_model(self.model, regional=True)
             self._compiled = True
-
-    @property
-    def parameter_counts(self) -> dict[str, int]:
-        return count_parameters(self.model)
 
     def forward(self, idx: Tensor) -> Tensor:
         return self.model(idx)
@@ -91,10 +87,8 @@ class DeltaLM(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         o = self.optim
-        fused = self.device.type == "cuda" and not self.trainer.precision.startswith("16")  # fp16 needs the scaler path
-        optimizer = torch.optim.AdamW(
-            self.model.parameter_groups(o["weight_decay"]), lr=o["lr"], betas=tuple(o["betas"]), fused=fused
-        )
+        fused = self.device.type == "cuda" and not self.trainer.precision.startswith("16")  # fp16: the scaler's path
+        optimizer = make_optimizer(self.model, o["lr"], o["weight_decay"], tuple(o["betas"]), fused=fused)
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else o.get("total_steps", 1)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: warmup_cosine(s, o["warmup_steps"], total, o["min_lr_ratio"])

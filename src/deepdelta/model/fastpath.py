@@ -77,9 +77,10 @@ def make_optimizer(
     weight_decay: float = 0.1,
     betas: tuple[float, float] = (0.9, 0.95),
     eps: float = 1e-8,
+    fused: bool | None = None,
 ) -> torch.optim.AdamW:
-    """AdamW over ``model.parameter_groups``; the fused multi-tensor kernel on CUDA."""
-    fused = next(model.parameters()).is_cuda
+    """AdamW over ``model.parameter_groups``; the fused kernel on CUDA unless ``fused=False``."""
+    fused = next(model.parameters()).is_cuda if fused is None else fused
     return torch.optim.AdamW(model.parameter_groups(weight_decay), lr=lr, betas=betas, eps=eps, fused=fused)
 
 
