@@ -7,6 +7,7 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import MeanMetric
 
@@ -38,6 +39,7 @@ class DeltaLM(L.LightningModule):
         self.val_loss = MeanMetric()
         self.val_answer_acc = AnswerAccuracy()  # whole answers right, for synthetic probes
         self.tokens_per_step = 0  # set on the first batch: micro-batch tokens × world × accumulation
+        self.flops_per_token = 0  # analytic, at the training sequence length
         self.flops_per_batch = 0  # read by Lightning's ThroughputMonitor (per device)
         self.last_loss: Tensor | None = None
 
@@ -54,22 +56,26 @@ class DeltaLM(L.LightningModule):
     def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
         x, y = batch[0], batch[1]
         if not self.tokens_per_step:
-            self.flops_per_batch = flops_per_token(self.config, x.shape[1]) * x.numel()
+            self.flops_per_token = flops_per_token(self.config, x.shape[1])
+            self.flops_per_batch = self.flops_per_token * x.numel()
             self.tokens_per_step = x.numel() * self.trainer.world_size * self.trainer.accumulate_grad_batches
         loss = self.model.loss(x, y)
         self.last_loss = loss.detach()  # read by DivergenceGuard before the optimizer step
         step = self.global_step + 1
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # the global batch's loss under DDP
         self.log("train/tokens", float(step * self.tokens_per_step))
-        self.log("train/flops", float(step * self.tokens_per_step * flops_per_token(self.config, x.shape[1])))
+        self.log("train/flops", float(step * self.tokens_per_step * self.flops_per_token))
         return loss
 
     def validation_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
         x, y = batch[0], batch[1]
-        self.val_loss.update(self.model.loss(x, y), weight=y.numel())
-        if len(batch) > 2:  # synthetic probes: exact-answer accuracy at the answer positions
-            self.val_answer_acc.update(self.model(x), y, batch[2])
+        if len(batch) > 2:  # synthetic probes: one forward for the loss and the exact-answer accuracy
+            logits = self.model(x)
+            self.val_loss.update(F.cross_entropy(logits.flatten(0, 1).float(), y.flatten()), weight=y.numel())
+            self.val_answer_acc.update(logits, y, batch[2])
             self.log("val/answer_acc", self.val_answer_acc, on_epoch=True)
+        else:
+            self.val_loss.update(self.model.loss(x, y), weight=y.numel())
 
     def on_validation_epoch_end(self) -> None:
         loss = self.val_loss.compute()

@@ -204,10 +204,15 @@ def loss_curves(groups: Sequence[Group], points: int = 60) -> Figure:
     return fig
 
 
+def _gated_probes(groups: Sequence[Group]) -> list[tuple[Group, pd.DataFrame]]:
+    """(group, its probes averaged over seeds) for every configuration with a gate and probes."""
+    gated = [(g, mean_over_seeds(g.runs)) for g in groups if g.has_gate]
+    return [(g, p) for g, p in gated if not p.empty]
+
+
 def group_beta_heatmaps(groups: Sequence[Group]) -> Figure | None:
     """One mean-β heatmap per gated configuration (averaged over its seeds); None without gates."""
-    gated = [(g, mean_over_seeds(g.runs)) for g in groups if g.has_gate]
-    gated = [(g, p) for g, p in gated if not p.empty]
+    gated = _gated_probes(groups)
     if not gated:
         return None
     n_sub = max(p["sublayer"].nunique() for _, p in gated)
@@ -229,8 +234,7 @@ def group_beta_heatmaps(groups: Sequence[Group]) -> Figure | None:
 
 def group_regime_bars(groups: Sequence[Group]) -> Figure | None:
     """Regime shares per sublayer at the last probe, one panel per gated configuration."""
-    gated = [(g, mean_over_seeds(g.runs)) for g in groups if g.has_gate]
-    gated = [(g, p) for g, p in gated if not p.empty]
+    gated = _gated_probes(groups)
     if not gated:
         return None
     n_sub = max(p["sublayer"].nunique() for _, p in gated)
