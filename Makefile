@@ -22,8 +22,8 @@ install: $(BIN)/.installed  ## create .venv and install deepdelta with its depen
 train: install  ## train the default (tiny DDL on the embedded corpus, CPU); ARGS="key=value ..."
 	$(BIN)/python src/train.py $(ARGS)
 
-sweep: install  ## run the named sweep in sweeps/ (SWEEP=grid by default); ARGS adds overrides
-	$(BIN)/python src/train.py -m sweep=$(SWEEP) $(ARGS)
+sweep: install  ## run the named sweep in sweeps/ (SWEEP=grid by default); ARGS adds overrides; GPUS=N: one job per GPU
+	$(if $(GPUS),$(BIN)/python -m deepdelta.gpusweep --gpus $(GPUS),$(BIN)/python src/train.py -m) sweep=$(SWEEP) $(ARGS)
 
 test: install  ## run the test suite (CPU; GPU tests skip themselves)
 	$(BIN)/python -m pytest -q $(ARGS)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +76,9 @@ def run(cfg: DictConfig, run_dir: Path, name: str = "", multirun: bool = False) 
         if cfg.dry_run:
             return None
         resume_id = wandb_run_id(run_dir) if ckpt_path and Path(ckpt_path).is_relative_to(run_dir) else None
-        loggers = build_loggers(cfg, run_dir, name, run_dir.parent.name if multirun else None, resume_id)
+        # W&B group: the sweep directory's name (a multirun, or a job of deepdelta.gpusweep)
+        group = run_dir.parent.name if multirun else os.environ.get("DEEPDELTA_SWEEP_GROUP")
+        loggers = build_loggers(cfg, run_dir, name, group, resume_id)
         callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
         callbacks += fault_callbacks()  # test-only, from DEEPDELTA_FAULT_* environment variables
         plugins = [AtomicCheckpointIO(), *(instantiate(p) for p in cfg.trainer.get("plugins") or [])]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -41,34 +42,52 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--micro", type=int, default=16, help="sequences per GPU per micro-batch")
     p.add_argument("--model", default="small")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--out", type=Path, default=Path("outputs/scaling"))
+    p.add_argument("--out", type=Path, help="a new directory (default: outputs/scaling/<date_time>)")
     p.add_argument("--repeat", action="store_true", help="run the 1-GPU config twice: shows run-to-run noise")
+    p.add_argument(
+        "--diagnose",
+        action="store_true",
+        help="also: 1 GPU without accumulation, and both runs not compiled (finds where losses part)",
+    )
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides for both runs")
     a = p.parse_args(argv)
     common = [
         f"model={a.model}", f"compile={str(a.compile).lower()}", f"global_batch={a.micro * a.gpus}",
         f"data.batch_size={a.micro}",
         f"trainer.max_steps={a.steps}", f"trainer.val_check_interval={a.steps // 4}", "trainer.limit_val_batches=1.0",
-        "data.val_batches=4", "logger=csv", "callbacks.beta.every_n_steps=1000000",
+        "data.val_batches=4", "logger=csv", "trainer.log_every_n_steps=10", "callbacks.beta.every_n_steps=1000000",
         f"callbacks.model_checkpoint.every_n_train_steps={10 * a.steps}", "~callbacks.progress_bar", *a.overrides,
     ]  # fmt: skip
-    one, many = a.out / "gpu1", a.out / f"gpu{a.gpus}"
-    run_cli(["trainer=gpu", *common, f"hydra.run.dir={one}"])
-    run_cli(["trainer=ddp", f"trainer.devices={a.gpus}", *common, f"hydra.run.dir={many}"])
-    tps1, val1 = throughput(one, 1)
-    tpsn, valn = throughput(many, a.gpus)
-    val1b = None
+    a.out = a.out or Path("outputs/scaling") / time.strftime("%Y-%m-%d_%H-%M-%S")
+    n, m = a.gpus, a.micro
+    runs = [  # (directory, label, overrides, world size)
+        ("gpu1", f"1 GPU, {n} × {m} accumulated", ["trainer=gpu"], 1),
+        (f"gpu{n}", f"{n} GPUs DDP, {n} × {m}", ["trainer=ddp", f"trainer.devices={n}"], n),
+    ]
     if a.repeat:
-        run_cli(["trainer=gpu", *common, f"hydra.run.dir={a.out / 'gpu1-repeat'}"])
-        val1b = throughput(a.out / "gpu1-repeat", 1)[1]
-    print("\n| GPUs | global batch | tok/s | speed-up |\n| --- | --- | --- | --- |")
-    print(f"| 1 | {a.micro * a.gpus} ({a.gpus} × {a.micro}, accumulated) | {tps1:,.0f} | 1.00× |")
-    print(f"| {a.gpus} | {a.micro * a.gpus} ({a.gpus} × {a.micro}) | {tpsn:,.0f} | {tpsn / tps1:.2f}× |")
-    extra = " val loss, 1 GPU again |" if val1b is not None else ""
-    print(f"\n| step | val loss, 1 GPU | val loss, DDP |{extra}\n| --- | --- | --- |{' --- |' if extra else ''}")
-    for step in val1.index:
-        again = f" {val1b.get(step, float('nan')):.4f} |" if val1b is not None else ""
-        print(f"| {step} | {val1[step]:.4f} | {valn.get(step, float('nan')):.4f} |{again}")
+        runs.append(("gpu1-repeat", "1 GPU again", ["trainer=gpu"], 1))
+    if a.diagnose:  # where does a loss gap come from: accumulation, DDP, or compiled kernels?
+        runs += [
+            ("gpu1-whole", f"1 GPU, one batch of {n * m}", ["trainer=gpu", f"data.batch_size={n * m}"], 1),
+            ("gpu1-eager", "1 GPU, not compiled", ["trainer=gpu", "compile=false"], 1),
+            (
+                f"gpu{n}-eager",
+                f"{n} GPUs DDP, not compiled",
+                ["trainer=ddp", f"trainer.devices={n}", "compile=false"],
+                n,
+            ),
+        ]
+    results = []
+    for name, label, extra, world in runs:
+        run_cli([*common, *extra, f"hydra.run.dir={a.out / name}"])
+        results.append((label, world, *throughput(a.out / name, world)))
+    base = results[0][2]
+    print("\n| run | tok/s | vs 1 GPU |\n| --- | --- | --- |")
+    for label, _, tps, _ in results:
+        print(f"| {label} | {tps:,.0f} | {tps / base:.2f}× |")
+    print("\n| step | " + " | ".join(r[0] for r in results) + " |\n|" + " --- |" * (len(results) + 1))
+    for step in results[0][3].index:
+        print(f"| {step} | " + " | ".join(f"{r[3].get(step, float('nan')):.4f}" for r in results) + " |")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ class DivergenceGuard(Callback):
     and LR schedule still advance) while fewer than ``max_skips`` steps have been skipped over the run;
     otherwise training stops with `Diverged` naming the step, the loss, the layers whose β, ‖k̃‖ or
     activations are non-finite on the offending batch, and the last good checkpoint. Costs one norm
-    per parameter tensor and one host sync per step."""
+    per parameter tensor and one host sync per step, and no collective under DDP."""
 
     def __init__(self, max_skips: int = 0):
         if isinstance(max_skips, bool) or not isinstance(max_skips, int) or max_skips < 0:
@@ -54,14 +54,16 @@ class DivergenceGuard(Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         loss = getattr(pl_module, "last_loss", None)
-        bad_loss = loss is not None and not bool(torch.isfinite(loss).all())
         grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
         # fp16 with a GradScaler: inf gradients are the scaler's business (it skips those steps itself)
         scaler = getattr(trainer.precision_plugin, "scaler", None)
-        bad_grad = scaler is None and bool(grads) and not bool(torch.stack(torch._foreach_norm(grads)).isfinite().all())
-        bad = bad_loss or bad_grad
-        if trainer.world_size > 1:
-            bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
+        checked = list(torch._foreach_norm(grads)) if grads and scaler is None else []
+        if loss is not None and trainer.world_size == 1:
+            checked.append(loss.float().reshape(()))
+        # One host sync and no collective: under DDP the gradients are already all-reduced, so every
+        # rank sees the same values and takes the same decision (a rank's non-finite loss reaches them
+        # all as non-finite gradients); its own loss would differ from rank to rank.
+        bad = bool(checked) and not bool(torch.stack(checked).isfinite().all())
         if not bad:
             return
         step = trainer.global_step + 1  # the step being taken, 1-based like the logged train/tokens
