@@ -10,6 +10,7 @@ should agree step for step; tokens/s is the ThroughputMonitor's global figure.
 from __future__ import annotations
 
 import argparse
+import math
 import subprocess
 import sys
 import time
@@ -29,6 +30,8 @@ def throughput(run_dir: Path, world: int) -> tuple[float, pd.Series]:
     """(median global tok/s over the second half of training, val loss by step)."""
     m = pd.read_csv(run_dir / "csv" / "metrics.csv")
     col = "train/items_per_sec" if world > 1 else "train/device/items_per_sec"
+    if col not in m:  # fewer steps than the monitor's window: no rate logged
+        return math.nan, m[["step", "val/loss"]].dropna().set_index("step")["val/loss"]
     tps = m[["step", col]].dropna()
     tps = tps[tps["step"] >= tps["step"].max() / 2][col]
     val = m[["step", "val/loss"]].dropna().set_index("step")["val/loss"]
