@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+import shlex
 import subprocess
 import sys
 import threading
@@ -29,6 +30,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 from omegaconf import DictConfig, open_dict
 
 from deepdelta import validate
@@ -93,10 +95,18 @@ def check_all(jobs: list[Job]) -> None:
     """Every problem of every job, before any GPU time is spent."""
     errors = []
     for job in jobs:
-        found = validate.problems(job_config(job.overrides, job.run_dir))
+        try:
+            found = validate.problems(job_config(job.overrides, job.run_dir))
+        except HydraException as exc:  # no such option or key (residual=nope, nokey=1): Hydra's message, one line
+            found = [_one_line(exc)]
         errors += [f"job {job.num} ({' '.join(job.overrides)}): {p}" for p in found]
     if errors:
         raise SystemExit("invalid sweep, nothing was started:\n  " + "\n  ".join(errors))
+
+
+def _one_line(exc: HydraException) -> str:
+    """Hydra's composition error on one line, without its config search path."""
+    return " ".join(str(exc).split("Config search path")[0].split())
 
 
 def parse_gpus(text: str | None) -> list[str]:
@@ -156,7 +166,10 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     gpus = parse_gpus(a.gpus)
     sweep_dir = a.dir or Path("outputs/sweeps") / f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{run_uid()}"
-    jobs = [Job(i, o, sweep_dir / str(i)) for i, o in enumerate(expand(a.overrides))]
+    try:
+        jobs = [Job(i, o, sweep_dir / str(i)) for i, o in enumerate(expand(a.overrides))]
+    except HydraException as exc:  # an override that does not parse or compose for any job
+        raise SystemExit(f"invalid sweep, nothing was started: {_one_line(exc)}") from None
     check_all(jobs)
     logs = sweep_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -167,9 +180,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nSweep summary ({sweep_dir / 'summary.md'}):\n\n{(sweep_dir / 'summary.md').read_text()}")
     failed = sorted(n for n, c in codes.items() if c != 0)
     if failed or (frame["status"] != "finished").any():
-        print(
-            f"failed jobs: {failed}; go on with: python -m deepdelta.gpusweep --dir {sweep_dir} {' '.join(a.overrides)}"
-        )
+        gpus_flag = ["--gpus", a.gpus] if a.gpus is not None else []  # the same GPUs (or CPU slots) again
+        again = shlex.join(["python", "-m", "deepdelta.gpusweep", *gpus_flag, "--dir", str(sweep_dir), *a.overrides])
+        print(f"failed jobs: {failed}; go on with: {again}")
         raise SystemExit(1)
 
 
