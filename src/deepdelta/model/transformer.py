@@ -115,8 +115,8 @@ class DeltaTransformer(nn.Module):
                 nn.init.zeros_(module.out.weight)
                 nn.init.constant_(module.out.bias, module.bias_init)
 
-    def hidden(self, idx: Tensor) -> Tensor:
-        """Final normalised hidden states (B, T, d), the input of the tied LM head."""
+    def final_state(self, idx: Tensor) -> Tensor:
+        """The residual state X (B, T, d, dv) after the last block."""
         T = idx.shape[1]
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size={self.config.block_size}")
@@ -124,7 +124,11 @@ class DeltaTransformer(nn.Module):
         state = self.expand(self.embed(idx))
         for block in self.blocks:
             state = block(state, cos, sin)
-        return self.norm_out(self.readout(state))
+        return state
+
+    def hidden(self, idx: Tensor) -> Tensor:
+        """Final normalised hidden states (B, T, d), the input of the tied LM head."""
+        return self.norm_out(self.readout(self.final_state(idx)))
 
     def forward(self, idx: Tensor) -> Tensor:
         """Logits (B, T, vocab)."""
