@@ -104,7 +104,7 @@ def test_tc_gradients_match_autograd_of_the_plain_conv(tiny, K, T):
     grads = torch.autograd.grad((comp(state) * upstream).sum(), (state, comp.weight, comp.read))
     plain = (causal_token_conv(state, comp.weight * comp.read[:, None]).sum(-1) * upstream).sum()
     expected = torch.autograd.grad(plain, (state, comp.weight, comp.read))
-    for got, want in zip(grads, expected):
+    for got, want in zip(grads, expected, strict=True):
         assert_close(got, want, atol=1e-12, rtol=1e-12)
     small = Compress(tiny(d_model=4, n_head=1, head_dim=4, dv=2, compressor="tc", conv_kernel=K)).double()
     assert torch.autograd.gradcheck(small, (torch.randn(1, T, 4, 2, dtype=F64, requires_grad=True),))
