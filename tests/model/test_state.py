@@ -92,8 +92,8 @@ def test_tc_is_token_conv_then_read(tiny):
 
 @pytest.mark.parametrize("K,T", [(1, 4), (3, 2), (4, 9)])
 def test_tc_gradients_match_autograd_of_the_plain_conv(tiny, K, T):
-    """The tc compressor's own backward (it saves only the state) against autograd of the
-    plain shifted-sum formula, and against finite differences (gradcheck), in fp64."""
+    """The tc read (taps applied before the shift) against autograd of the plain formula
+    (shift the state, then apply the taps), and against finite differences, in fp64."""
     comp = Compress(tiny(dv=3, compressor="tc", conv_kernel=K)).double()
     g = torch.Generator().manual_seed(K * 10 + T)
     with torch.no_grad():
@@ -118,8 +118,8 @@ def test_tc_keeps_only_the_state_for_backward(tiny):
     saved: list[torch.Tensor] = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         comp(state)
-    state_sized = [t for t in saved if t.numel() == state.numel()]
-    assert len(state_sized) == 1 and state_sized[0].data_ptr() == state.data_ptr()
+    state_sized = [t for t in saved if t.numel() >= state.numel()]
+    assert state_sized and all(t.data_ptr() == state.data_ptr() for t in state_sized)
 
 
 def test_conv_expand_is_a_causal_token_conv(tiny):

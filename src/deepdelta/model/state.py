@@ -30,37 +30,16 @@ def _shift(x: Tensor, s: int) -> Tensor:
     return F.pad(x[:, : x.shape[1] - s], (0, 0) * (x.dim() - 2) + (s, 0)) if s else x
 
 
-def _unshift(x: Tensor, s: int) -> Tensor:
-    """``x[:, t + s]`` along the token axis, zeros past the end."""
-    return F.pad(x[:, s:], (0, 0) * (x.dim() - 2) + (0, s)) if s else x
+def causal_conv_read(state: Tensor, taps: Tensor) -> Tensor:
+    """y[:, t, i] = Σ_s Σ_j taps[i, j, K-1-s] · state[:, t-s, i, j]: a causal depthwise token
+    convolution of the state followed by a sum over its value channels.
 
-
-class _CausalConvRead(torch.autograd.Function):
-    """y[:, t, i] = Σ_s Σ_j taps[i, j, K-1-s] · state[:, t-s, i, j], saving only ``state`` and ``taps``.
-
-    Written with autograd, the K shifted copies of the state are what the backward of the
-    tap products needs, and they were kept (25.7 GiB peak at dv=4 against 11.1 for ``cc``,
-    docs/benchmarks.md); here the backward re-shifts the saved state instead."""
-
-    @staticmethod
-    def forward(ctx, state: Tensor, taps: Tensor) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(state, taps)
-        K = taps.shape[-1]
-        return sum((_shift(state, s) * taps[..., K - 1 - s]).sum(-1) for s in range(min(K, state.shape[1])))
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:  # type: ignore[override]
-        state, taps = ctx.saved_tensors
-        K, T = taps.shape[-1], state.shape[1]
-        g = grad.to(state.dtype)[..., None]
-        shifts = range(min(K, T))
-        grad_state = grad_taps = None
-        if ctx.needs_input_grad[0]:
-            grad_state = sum(_unshift(g, s) * taps[..., K - 1 - s] for s in shifts)
-        if ctx.needs_input_grad[1]:
-            cols = [(_shift(state, s) * g).sum((0, 1)) if s < T else torch.zeros_like(taps[..., 0]) for s in range(K)]
-            grad_taps = torch.stack(cols[::-1], -1).to(taps.dtype)
-        return grad_state, grad_taps
+    Each tap is read from the state at its own token first, and the (B, T, d) results are
+    shifted, not the (B, T, d, dv) state: the backward pass then keeps the state itself
+    (shared by the K products) instead of K shifted copies of it, which made `tc` at dv=4
+    need 2.9× the additive peak memory (docs/benchmarks.md), and it reads the state once."""
+    K = taps.shape[-1]
+    return sum(_shift((state * taps[..., K - 1 - s]).sum(-1), s) for s in range(min(K, state.shape[1])))
 
 
 def identity_kernel(*shape: int, K: int) -> Tensor:
@@ -106,5 +85,5 @@ class Compress(nn.Module):
             # The convolution and the read are linear, so they are one depthwise convolution
             # with taps weight·read summed over the channels: no (B, T, d, dv) intermediate,
             # and only the state itself is kept for the backward pass.
-            return _CausalConvRead.apply(state, self.weight * self.read[:, None])
+            return causal_conv_read(state, self.weight * self.read[:, None])
         return state[..., 0]
