@@ -2,9 +2,16 @@
 
     python -m deepdelta.analysis.report --run outputs/runs/<date_time>
     python -m deepdelta.analysis.report --sweep outputs/sweeps/<date_time>
+    python -m deepdelta.analysis.report --sweep results/replication --out docs/results.md   # make results
 
-Writes ``report.md``, ``report.html``, ``results.csv`` and ``figures/*.png`` into the
-directory and prints the path of the report.
+Without ``--out``: writes ``report.md``, ``report.html``, ``results.csv`` and ``figures/*.png``
+into the run or sweep directory. With ``--out PATH.md``: writes ``PATH.md`` and ``PATH.html``,
+the results table as ``PATH.csv`` (next to it: ``docs/results.csv``) and the figures into
+``<parent>/img/<stem>/`` (``docs/img/results/*.png``), linked relatively so that the markdown
+renders on GitHub; the directory read is left as it is. Either way it prints the path of the
+report. The text holds no timestamp and no path other than those given, so the same raw results
+give the same markdown. A ``notes.md`` in the run or sweep directory is appended verbatim as the
+section "Discussion".
 """
 
 from __future__ import annotations
@@ -12,21 +19,47 @@ from __future__ import annotations
 import argparse
 import html
 import math
+import os
+import shlex
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 from matplotlib.figure import Figure
 
-from deepdelta.analysis import figures, tables
-from deepdelta.analysis.runs import Group, Run, find_runs, group_runs, is_run_dir
+from deepdelta.analysis import figures, findings, tables
+from deepdelta.analysis.runs import Group, Run, baseline_for, find_runs, group_runs, is_run_dir
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a report goes: the markdown (the HTML beside it, same stem), the figures, the CSV."""
+
+    markdown: Path
+    figures: Path
+    csv: Path
+
+    @classmethod
+    def inside(cls, directory: Path) -> Layout:
+        """``report.md``, ``figures/``, ``results.csv`` in the run or sweep directory."""
+        return cls(directory / "report.md", directory / "figures", directory / "results.csv")
+
+    @classmethod
+    def at(cls, out: Path) -> Layout:
+        """``PATH.md``, ``<parent>/img/<stem>/`` and ``PATH.csv``."""
+        return cls(out, out.parent / "img" / out.stem, out.with_suffix(".csv"))
+
+    def link(self, path: Path) -> str:
+        """``path`` relative to the markdown's folder, with forward slashes."""
+        return Path(os.path.relpath(path, self.markdown.parent)).as_posix()
 
 
 @dataclass
 class Report:
-    """A report as a list of blocks: headings, paragraphs, tables and figures."""
+    """A report as a list of blocks: headings, paragraphs, lists, tables, figures, verbatim markdown."""
 
-    root: Path
+    layout: Layout
     title: str
     blocks: list[tuple[str, object]] = field(default_factory=list)
 
@@ -36,15 +69,22 @@ class Report:
     def text(self, text: str) -> None:
         self.blocks.append(("p", text))
 
+    def bullets(self, items: list[str]) -> None:
+        self.blocks.append(("ul", items))
+
     def table(self, frame: pd.DataFrame) -> None:
         self.blocks.append(("table", frame))
 
+    def verbatim(self, text: str) -> None:
+        """Markdown written by hand (a notes.md), copied as it is."""
+        self.blocks.append(("md", text))
+
     def figure(self, fig: Figure | None, name: str, caption: str) -> None:
-        """Save ``fig`` as figures/NAME.png and embed it (nothing when ``fig`` is None)."""
+        """Save ``fig`` as NAME.png in the figure folder and embed it (nothing when ``fig`` is None)."""
         if fig is None:
             return
-        path = figures.save(fig, self.root / "figures" / f"{name}.png")
-        self.blocks.append(("img", (path.relative_to(self.root).as_posix(), caption)))
+        path = figures.save(fig, self.layout.figures / f"{name}.png")
+        self.blocks.append(("img", (self.layout.link(path), caption)))
 
     def markdown(self) -> str:
         out = [f"# {self.title}", ""]
@@ -53,8 +93,12 @@ class Report:
                 out += [f"## {body}", ""]
             elif kind == "p":
                 out += [str(body), ""]
+            elif kind == "ul":
+                out += [f"- {item}" for item in body] + [""]
             elif kind == "table":
                 out += [_blank_missing(body).to_markdown(index=False, disable_numparse=True), ""]
+            elif kind == "md":
+                out += [str(body).strip("\n"), ""]
             else:
                 src, caption = body
                 out += [f"![{caption}]({src})", "", f"*{caption}*", ""]
@@ -73,18 +117,44 @@ class Report:
                 out.append(f"<h2>{html.escape(str(body))}</h2>")
             elif kind == "p":
                 out.append(f"<p>{html.escape(str(body))}</p>")
+            elif kind == "ul":
+                out.append("<ul>" + "".join(f"<li>{html.escape(str(item))}</li>" for item in body) + "</ul>")
             elif kind == "table":
                 out.append(_blank_missing(body).to_html(index=False, float_format=lambda v: f"{v:.4g}"))
+            elif kind == "md":
+                out.append(f"<pre style='white-space:pre-wrap'>{html.escape(str(body))}</pre>")
             else:
                 src, caption = body
                 out.append(f"<figure><img src='{src}'><figcaption>{html.escape(caption)}</figcaption></figure>")
         return "\n".join(out + ["</body></html>"])
 
     def write(self) -> Path:
-        (self.root / "report.html").write_text(self.html())
-        path = self.root / "report.md"
+        path = self.layout.markdown
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.with_suffix(".html").write_text(self.html())
         path.write_text(self.markdown())
         return path
+
+    def results_csv(self, table: pd.DataFrame) -> None:
+        self.layout.csv.parent.mkdir(parents=True, exist_ok=True)
+        table.to_csv(self.layout.csv, index=False)
+
+    def provenance(self, source: Path, command: str | None) -> None:
+        """Where the numbers come from and how to regenerate the report (with ``--out`` only)."""
+        if command:
+            csv = self.layout.csv
+            self.text(
+                f"Generated from the raw results in [`{source.as_posix()}`]({self.layout.link(source)}) by "
+                f"`{command}`; the numbers are also in [`{csv.name}`]({self.layout.link(csv)}). "
+                f"Edit the code or `{(source / 'notes.md').as_posix()}`, not this file."
+            )
+
+    def discussion(self, directory: Path) -> None:
+        """``notes.md`` of the run or sweep directory, verbatim, as the last section."""
+        notes = directory / "notes.md"
+        if notes.is_file():
+            self.heading("Discussion")
+            self.verbatim(notes.read_text())
 
 
 def _blank_missing(frame: pd.DataFrame) -> pd.DataFrame:
@@ -115,16 +185,20 @@ def _mechanism_section(report: Report, probes: pd.DataFrame, beta_max: float, pr
     report.table(tables.sublayer_table(probes))
 
 
-def run_report(run_dir: Path) -> Path:
-    """Report of one run: results, loss curves and (DDL) the mechanism probes."""
+def run_report(run_dir: Path, out: Path | None = None, command: str | None = None) -> Path:
+    """Report of one run: results, loss curves and (DDL) the mechanism probes; into the run
+    directory, or at ``out`` (see the module docstring)."""
     run = Run(Path(run_dir))
     group = Group(label=" ".join(run.named_overrides) or "default", runs=[run])
-    report = Report(run.path, f"Run report: {run.summary.get('name') or run.path.name}")
+    layout = Layout.inside(run.path) if out is None else Layout.at(Path(out))
+    report = Report(layout, f"Run report: {run.summary.get('name') or run.path.name}")
+    report.provenance(run.path, command if out is not None else None)
     report.text(f"Directory `{run.path}`; status **{run.status}**; residual `{run.residual}`, seed {run.seed}.")
     report.heading("Results")
     table = tables.results_table([group])
-    table.to_csv(run.path / "results.csv", index=False)
+    report.results_csv(table)
     report.table(tables.format_results(table))
+    report.text(f"Re-run: `{findings.rerun_commands(group)[0]}`")
     report.heading("Loss")
     report.figure(figures.loss_curves([group]), "loss", "Loss against tokens, FLOPs and training wall-clock.")
     report.heading("Mechanism probes")
@@ -134,18 +208,25 @@ def run_report(run_dir: Path) -> Path:
         report.text("No probes recorded (probes.csv is missing: the probe callback was off or the run stopped early).")
     else:
         _mechanism_section(report, run.probes, run.beta_max)
+    report.discussion(run.path)
     return report.write()
 
 
-def sweep_report(sweep_dir: Path, confidence: float = 0.95) -> Path:
-    """Report of a sweep: the results table with seed statistics, every run's loss against
-    tokens, FLOPs and wall-clock, and β per configuration."""
+def sweep_report(
+    sweep_dir: Path, confidence: float = 0.95, out: Path | None = None, command: str | None = None
+) -> Path:
+    """Report of a sweep: the results table with seed statistics, what they support, the
+    command that re-runs each configuration, every run's loss against tokens, FLOPs and
+    wall-clock, β per configuration, and the sweep's notes.md; into the sweep directory, or
+    at ``out`` (see the module docstring)."""
     sweep_dir = Path(sweep_dir)
     runs = find_runs(sweep_dir)
     if not runs:
         raise SystemExit(f"no run directories under {sweep_dir}")
     groups = group_runs(runs)
-    report = Report(sweep_dir, f"Sweep report: {sweep_dir.name}")
+    layout = Layout.inside(sweep_dir) if out is None else Layout.at(Path(out))
+    report = Report(layout, f"Sweep report: {sweep_dir.name}")
+    report.provenance(sweep_dir, command if out is not None else None)
     seeds = sorted({r.seed for r in runs})
     report.text(
         f"Directory `{sweep_dir}`: {len(runs)} runs, {len(groups)} configurations, seeds {seeds}. "
@@ -154,8 +235,17 @@ def sweep_report(sweep_dir: Path, confidence: float = 0.95) -> Path:
     )
     report.heading("Results")
     table = tables.results_table(groups, confidence)
-    table.to_csv(sweep_dir / "results.csv", index=False)
+    report.results_csv(table)
     report.table(tables.format_results(table, confidence))
+    _supports_section(report, table, groups, confidence)
+    report.heading("Re-run")
+    report.text(
+        "Each configuration re-runs with the overrides its runs were started with (their "
+        "`.hydra/overrides.yaml`), from the repository root; a run writes to `outputs/runs/`, a multirun "
+        "to `outputs/sweeps/`. On a machine with several GPUs, `python -m deepdelta.gpusweep` takes the "
+        "same overrides and runs one job per GPU."
+    )
+    report.table(findings.rerun_table(groups))
     report.heading("Loss against tokens, FLOPs and wall-clock")
     report.figure(
         figures.loss_curves(groups),
@@ -168,7 +258,32 @@ def sweep_report(sweep_dir: Path, confidence: float = 0.95) -> Path:
     report.figure(figures.group_regime_bars(groups), "regimes", "Gate regimes per sublayer at the last probe.")
     report.heading("Runs")
     report.table(_runs_table(runs, groups))
+    report.discussion(sweep_dir)
     return report.write()
+
+
+def _supports_section(report: Report, table: pd.DataFrame, groups: list[Group], confidence: float) -> None:
+    """The section "What the data supports": a sentence per configuration from its interval, one on
+    its cost, and the limits of the design."""
+    report.heading("What the data supports")
+    report.text(
+        findings.loss_summary(table, confidence)
+        + " Each configuration is compared with the additive configuration closest to it in config "
+        "(named in each sentence and in the results table's column “compared with”)."
+    )
+    rows = table.to_dict("records")
+    report.bullets([findings.loss_sentence(r, confidence) for r in rows if r["baseline"]])
+    by_label = {g.label: g for g in groups}
+    costs = []
+    for r in rows:
+        if r["baseline"]:
+            group = by_label[r["model"]]
+            costs.append(findings.cost_sentence(r, group, baseline_for(group, groups)))
+    if costs:
+        report.text("Throughput (training tok/s) and peak memory, against the same baselines:")
+        report.bullets(costs)
+    report.text("What the data does not support:")
+    report.bullets(findings.limits(table, groups, confidence))
 
 
 def _runs_table(runs: list[Run], groups: list[Group]) -> pd.DataFrame:
@@ -198,15 +313,24 @@ def main(argv: list[str] | None = None) -> Path:
     where.add_argument("--run", type=Path, help="a run directory (outputs/runs/<date_time> or a sweep job)")
     where.add_argument("--sweep", type=Path, help="a sweep directory (outputs/sweeps/<date_time>)")
     parser.add_argument("--confidence", type=float, default=0.95, help="level of the intervals (default 0.95)")
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="write the report to this .md (and .html, .csv beside it, figures in <parent>/img/<stem>/) "
+        "instead of into the directory",
+    )
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.out is not None and args.out.suffix != ".md":
+        parser.error(f"--out {args.out}: a markdown path ending in .md")
+    command = f"{parser.prog} {shlex.join(sys.argv[1:] if argv is None else argv)}"
     if args.run is not None:
         if not is_run_dir(args.run):
             parser.error(f"--run {args.run}: not a run directory (no summary.json or .hydra/config.yaml)")
-        path = run_report(args.run)
+        path = run_report(args.run, args.out, command)
     else:
         if not args.sweep.is_dir():
             parser.error(f"--sweep {args.sweep}: not a directory")
-        path = sweep_report(args.sweep, args.confidence)
+        path = sweep_report(args.sweep, args.confidence, args.out, command)
     print(f"report: {path}")
     return path
 

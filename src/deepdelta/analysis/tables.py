@@ -67,7 +67,8 @@ def _num(value: float, fmt: str, suffix: str = "") -> str:
 
 
 def format_results(table: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
-    """`results_table` as strings for a report: mean ± std, Δ [low, high], ratios ×."""
+    """`results_table` as strings for a report: mean ± std, the baseline each row is compared
+    with, Δ [low, high], ratios ×."""
     ci = f"Δ val loss vs additive [{confidence:.0%} CI]"
     out = []
     for r in table.to_dict("records"):
@@ -86,6 +87,7 @@ def format_results(table: pd.DataFrame, confidence: float = 0.95) -> pd.DataFram
                 "val loss": _pm(r["val_loss"], r["val_loss_std"]),
                 "val ppl": _pm(r["val_ppl"], r["val_ppl_std"], 2),
                 ci: delta,
+                "compared with": r["baseline"] or "–",
                 "params": _num(r["params"] / 1e6, ".2f", "M"),
                 "train K tok/s": _num(r["tok_per_s"] / 1e3, ".2f"),
                 "tok/s ×": _num(r["tok_ratio"], ".2f", "×"),
