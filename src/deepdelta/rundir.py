@@ -205,6 +205,17 @@ def checkpoint_to_resume(cfg: DictConfig, run_dir: Path) -> str | None:
     return None if last is None else str(last)
 
 
+def checkpoint_step(path: str | Path) -> int:
+    """The global step of a checkpoint, read without loading its tensors (memory-mapped)."""
+    import torch
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # not the zip format mmap needs
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    return int(ckpt["global_step"])
+
+
 def wandb_run_id(run_dir: Path) -> str | None:
     """The W&B run id of an earlier attempt of this run (``wandb/<mode>-run-<time>-<id>``), to continue it."""
     runs = sorted(Path(run_dir, "wandb").glob("*run-*-*"), key=lambda p: p.stat().st_mtime_ns)

@@ -20,9 +20,10 @@ from deepdelta.analysis.summary import run_summary
 from deepdelta.batching import plan_batch
 from deepdelta.callbacks.checkpoint import AtomicCheckpointIO
 from deepdelta.callbacks.faults import fault_callbacks
+from deepdelta.loggers import ResumableCSVLogger
 from deepdelta.model import ModelConfig, count_parameters, flops_per_token
 from deepdelta.module import DeltaLM
-from deepdelta.rundir import checkpoint_to_resume, wandb_run_id
+from deepdelta.rundir import checkpoint_step, checkpoint_to_resume, wandb_run_id
 
 
 def model_config(cfg: DictConfig) -> ModelConfig:
@@ -31,11 +32,21 @@ def model_config(cfg: DictConfig) -> ModelConfig:
 
 
 def build_loggers(
-    cfg: DictConfig, run_dir: Path, name: str, group: str | None, resume_id: str | None = None
+    cfg: DictConfig,
+    run_dir: Path,
+    name: str,
+    group: str | None,
+    resume_id: str | None = None,
+    resume_step: int | None = None,
 ) -> list[Any]:
+    """The configured loggers; ``resume_id``/``resume_step``: the run continues in place (its W&B run id,
+    the global step of its checkpoint, from which on the CSV logger replaces the earlier rows)."""
     loggers = []
     for key, conf in (cfg.get("logger") or {}).items():
         extra: dict[str, Any] = {}
+        factory = instantiate(conf, _partial_=True)
+        if isinstance(factory.func, type) and issubclass(factory.func, ResumableCSVLogger):
+            extra["resume_step"] = resume_step
         if key == "wandb":
             extra = dict(
                 name=conf.get("name") or name or "default",
@@ -45,7 +56,7 @@ def build_loggers(
             )
             if resume_id:  # a resumed run continues its W&B run
                 extra.update(id=resume_id, resume="allow")
-        loggers.append(instantiate(conf, _partial_=True)(**extra))
+        loggers.append(factory(**extra))
     return loggers
 
 
@@ -75,10 +86,12 @@ def run(cfg: DictConfig, run_dir: Path, name: str = "", multirun: bool = False) 
         )
         if cfg.dry_run:
             return None
-        resume_id = wandb_run_id(run_dir) if ckpt_path and Path(ckpt_path).is_relative_to(run_dir) else None
+        in_place = ckpt_path is not None and Path(ckpt_path).is_relative_to(run_dir)  # its own checkpoint
+        resume_id = wandb_run_id(run_dir) if in_place else None
+        resume_step = checkpoint_step(ckpt_path) if ckpt_path is not None and in_place else None
         # W&B group: the sweep directory's name (a multirun, or a job of deepdelta.gpusweep)
         group = run_dir.parent.name if multirun else os.environ.get("DEEPDELTA_SWEEP_GROUP")
-        loggers = build_loggers(cfg, run_dir, name, group, resume_id)
+        loggers = build_loggers(cfg, run_dir, name, group, resume_id, resume_step)
         callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
         callbacks += fault_callbacks()  # test-only, from DEEPDELTA_FAULT_* environment variables
         plugins = [AtomicCheckpointIO(), *(instantiate(p) for p in cfg.trainer.get("plugins") or [])]

@@ -8,9 +8,11 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -123,3 +125,32 @@ def assert_same_training(a: Path, b: Path) -> None:
     sa, sb = (json.loads((d / "summary.json").read_text()) for d in (a, b))
     assert sa["status"] == sb["status"] == "finished", (sa, sb)
     assert sa["train_loss"] == sb["train_loss"] and sa["val_loss"] == sb["val_loss"], (sa, sb)
+
+
+# wall-clock columns differ between any two runs; Lightning's ThroughputMonitor counts from each process's start
+PER_ATTEMPT = ("time", "per_sec", "seconds", "peak_mem", "train/batches", "train/samples", "train/lengths")
+
+
+def assert_same_logs(a: Path, b: Path, validation: bool = True) -> None:
+    """Two runs logged the same: in ``csv/metrics.csv`` every column at the same steps, as often (train/loss
+    once per step, from the first to the last), with the same values (`PER_ATTEMPT`: at no step twice);
+    the same ``probes.csv``. ``validation=False``: leave out the validation columns (and ``epoch``, logged
+    with them), for a run killed at a random time: the validation that follows a checkpoint is lost if the
+    kill comes before it ends, as Lightning does not validate the checkpoint's step again on resume."""
+    ma, mb = (pd.read_csv(d / "csv" / "metrics.csv") for d in (a, b))
+    if not validation:
+        ma, mb = (m.drop(columns=[c for c in m if c.startswith(("val/", "validate/", "epoch"))]) for m in (ma, mb))
+    assert set(ma.columns) == set(mb.columns), set(ma.columns) ^ set(mb.columns)
+    steps = int(torch.load(a / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"])
+    assert list(mb.loc[mb["train/loss"].notna(), "step"]) == list(range(steps)), "train/loss: not once per step"
+    for col in ma.columns.drop("step"):
+        if any(w in col for w in PER_ATTEMPT):  # no step twice (a rate waits for its window after a restart)
+            got, want = (Counter(m.loc[m[col].notna(), "step"]) for m in (mb, ma))
+            assert got <= want, f"{col}: {sorted((got - want).elements())[:10]}"
+        else:
+            got, want = (sorted(m.loc[m[col].notna(), ["step", col]].itertuples(index=False)) for m in (mb, ma))
+            assert got == want, f"{col}: {sorted(set(got) ^ set(want))[:10]}"
+    if (a / "probes.csv").exists() or (b / "probes.csv").exists():
+        pa, pb = (pd.read_csv(d / "probes.csv") for d in (a, b))
+        assert not pb.duplicated(["step", "sublayer"]).any()
+        pd.testing.assert_frame_equal(pb, pa)

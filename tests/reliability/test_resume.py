@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from deepdelta.callbacks.checkpoint import stale_temp_files
-from tests.reliability.conftest import assert_same_training, ckpt_step, last_step
+from tests.reliability.conftest import assert_same_logs, assert_same_training, ckpt_step, last_step
 
 pytestmark = pytest.mark.slow
 
@@ -40,6 +40,7 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(train, tmp_path, refer
     assert rc == 0, out[-3000:]
     assert f"resuming from {run / 'checkpoints' / 'last.ckpt'}" in out
     assert_same_training(reference, run)
+    assert_same_logs(reference, run, validation=False)
 
 
 def test_sigterm_saves_exits_zero_and_resume_continues(train, tmp_path, reference):
@@ -58,6 +59,7 @@ def test_sigterm_saves_exits_zero_and_resume_continues(train, tmp_path, referenc
     rc, out = train(f"resume={run}", tiny=False)
     assert rc == 0, out[-3000:]
     assert_same_training(reference, run)
+    assert_same_logs(reference, run, validation=False)
 
 
 def test_kill_during_checkpoint_write_keeps_previous_checkpoint(train, tmp_path, reference):
@@ -78,3 +80,4 @@ def test_kill_during_checkpoint_write_keeps_previous_checkpoint(train, tmp_path,
     assert rc == 0, out[-3000:]
     assert not stale_temp_files(run / "checkpoints")  # cleaned up on resume
     assert_same_training(reference, run)
+    assert_same_logs(reference, run, validation=False)

@@ -225,6 +225,11 @@ class Checkpoint(ModelCheckpoint):
             self.save_last_now(trainer)
         if reason:
             self.preempted_by = reason
+            # Lightning logs this step's training metrics after on_train_batch_end, which the stop skips; the
+            # resumed run starts at the next step: log them now, or csv/metrics.csv never has this step
+            trainer._logger_connector.update_train_step_metrics()
+            for logger in trainer.loggers:
+                logger.save()
             rank_zero_info(f"{reason}: saved {self.last_model_path} at step {trainer.global_step}")
             previous = self._previous.get(getattr(signal, reason, None))
             if callable(previous):  # e.g. submitit: it requeues the job and exits its own way

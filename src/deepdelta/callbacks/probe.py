@@ -11,11 +11,17 @@ training) one `model.probe()` forward gives per sublayer β, ‖k̃‖, k̂ and 
 - to ``probes.csv`` in the run directory: one row per step × sublayer.
 
 Rank 0 only. Additive runs have no gate: the callback says so once and does nothing.
+
+A run resumed from a checkpoint at step S replays the steps after it: ``probes.csv`` keeps the rows of
+the steps before S and the probe of step S (taken just before the checkpoint, which Lightning saves after
+every other callback) is done again at the start, with the state of the probe before it (the checkpoint
+holds it), so the table and the logged metrics come out as in an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -56,6 +62,7 @@ class MechanismProbe(L.Callback):
         self.seconds = 0.0
         self._batch: torch.Tensor | None = None
         self._mean_k: dict[str, torch.Tensor] = {}
+        self._previous_mean_k: dict[str, torch.Tensor] = {}  # the mean k̂ the last probe compared against
         self._last_step = -1
 
     # -- Lightning hooks ----------------------------------------------------------------
@@ -71,7 +78,13 @@ class MechanismProbe(L.Callback):
             log.warning("MechanismProbe: no validation batch to probe with; probes are off")
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.global_step % self.every_n_steps == 0:  # the start point (step 0, or a resumed step)
+        step = trainer.global_step  # the start point: 0, or the step of the checkpoint resumed from
+        if trainer.is_global_zero:
+            self._keep_before(self.path(trainer), step)  # the steps from here on are replayed
+        redo = self._last_step == step  # the checkpoint was taken right after this step's probe: redo it
+        if redo:
+            self._mean_k, self._last_step = self._previous_mean_k, -1
+        if redo or step % self.every_n_steps == 0:
             self.probe(trainer, pl_module)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
@@ -83,6 +96,40 @@ class MechanismProbe(L.Callback):
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._log_summary(trainer, pl_module)
+
+    # -- state (in the checkpoint, so a resumed run continues k_drift and the cost) -------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "last_step": self._last_step,
+            "mean_k": {n: m.cpu() for n, m in self._mean_k.items()},
+            "previous_mean_k": {n: m.cpu() for n, m in self._previous_mean_k.items()},
+            "seconds": self.seconds,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._last_step = int(state_dict.get("last_step", -1))
+        self._mean_k = dict(state_dict.get("mean_k", {}))
+        self._previous_mean_k = dict(state_dict.get("previous_mean_k", {}))
+        self.seconds = float(state_dict.get("seconds", 0.0))
+
+    @staticmethod
+    def _keep_before(path: Path, step: int) -> None:
+        """Drop the rows of ``step`` and later from ``path`` (left by an earlier attempt of a resumed run)."""
+        if not path.exists():
+            return
+        try:
+            frame = pd.read_csv(path)
+        except pd.errors.EmptyDataError:
+            frame = pd.DataFrame({"step": []})
+        kept = frame[frame["step"] < step]
+        if len(kept) == len(frame):
+            return
+        if kept.empty:
+            path.unlink()
+            return
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        kept.to_csv(tmp, index=False)
+        os.replace(tmp, path)  # atomic: a kill leaves the old table or the new one
 
     # -- the probe ------------------------------------------------------------------------
     def _probe_batch(self, trainer: L.Trainer) -> torch.Tensor | None:
@@ -115,6 +162,7 @@ class MechanismProbe(L.Callback):
                 records = model.probe(idx)
         finally:
             model.train(was_training)
+        self._previous_mean_k = self._mean_k
         rows, self._mean_k = probe_stats(records, pl_module.config.k_eps, self._mean_k)
         if not rows:
             self._batch = None  # a model without gates: nothing to come either
