@@ -96,7 +96,14 @@ def check_all(jobs: list[Job]) -> None:
     errors = []
     for job in jobs:
         try:
-            found = validate.problems(job_config(job.overrides, job.run_dir))
+            cfg = job_config(job.overrides, job.run_dir)
+            found = validate.problems(cfg)
+            devices, nodes = cfg.trainer.get("devices", 1), cfg.trainer.get("num_nodes", 1)
+            if devices not in (1, -1, "auto") or nodes != 1:  # the queue gives each job one GPU
+                found.append(
+                    f"trainer.devices={devices}, trainer.num_nodes={nodes}: got a multi-GPU job, allowed: one GPU "
+                    "per job here (for DDP jobs use python src/train.py -m ... trainer=ddp, or hydra/launcher=slurm)"
+                )
         except HydraException as exc:  # no such option or key (residual=nope, nokey=1): Hydra's message, one line
             found = [_one_line(exc)]
         errors += [f"job {job.num} ({' '.join(job.overrides)}): {p}" for p in found]
@@ -122,8 +129,8 @@ def parse_gpus(text: str | None) -> list[str]:
             raise SystemExit(f"--gpus: got {text!r}, allowed: a count ≥ 1 or a list of device ids like 0,1")
         return [str(i) for i in range(int(text))]
     ids = [g.strip() for g in text.split(",") if g.strip()]
-    if not ids or not all(g.isdigit() for g in ids):
-        raise SystemExit(f"--gpus: got {text!r}, allowed: a count ≥ 1 or a list of device ids like 0,1")
+    if not ids or not all(g.isdigit() for g in ids) or len(set(ids)) != len(ids):
+        raise SystemExit(f"--gpus: got {text!r}, allowed: a count ≥ 1 or a list of distinct device ids like 0,1")
     return ids
 
 

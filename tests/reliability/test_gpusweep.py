@@ -111,6 +111,7 @@ def test_expand_matches_a_real_multirun(cli, tmp_path):
         (["dv=1,0"], ["job 1 (dv=0): model.dv: got 0, allowed: an integer >= 1"]),
         (["residual=ddl,nope"], ["job 1 (residual=nope): In 'train': Could not find 'residual/nope'", "write_only"]),
         (["residual=ddl,additive", "nokey=1"], ["Could not override 'nokey'"]),
+        (["seed=0,1", "trainer.devices=1,2"], ["job 1 (seed=0 trainer.devices=2): trainer.devices=2", "one GPU"]),
     ],
 )
 def test_invalid_job_stops_the_sweep_before_any_job_runs(tmp_path, monkeypatch, overrides, expected):
@@ -137,7 +138,7 @@ def test_parse_gpus(text, ids):
     assert parse_gpus(text) == ids
 
 
-@pytest.mark.parametrize("text", ["0", "a,b", "", "-1", "1,x"])
+@pytest.mark.parametrize("text", ["0", "a,b", "", "-1", "1,x", "0,0"])
 def test_parse_gpus_rejects_with_the_value(text):
     with pytest.raises(SystemExit) as exc:
         parse_gpus(text)
