@@ -33,9 +33,6 @@ def test_variant_names():
         residual="write_only", compressor="tc", expand="repeat", dv=8
     )
     assert bench.variant_overrides("additive") == dict(residual="additive", dv=1)
-    assert bench.variant_overrides("ddl-cc-ec-dv4-bf16") == dict(
-        residual="ddl", compressor="cc", expand="conv", dv=4, state_dtype="bfloat16"
-    )
     with pytest.raises(ValueError, match="allowed"):
         bench.variant_overrides("ddl-xx-dv4")
 

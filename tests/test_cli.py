@@ -33,8 +33,7 @@ def test_help_lists_every_group_and_choice(cli):
     out = cli("--help").stdout
     groups = {
         "residual": ["additive", "ddl", "write_only"], "map": ["k", "v"], "compressor": ["cc", "tc", "ec"],
-        "expand": ["conv", "repeat"], "beta": ["reflect", "project"], "state": ["fp32", "bf16"],
-        "model": ["tiny", "small", "medium"],
+        "expand": ["conv", "repeat"], "beta": ["reflect", "project"], "model": ["tiny", "small", "medium"],
         "trainer": ["cpu", "gpu", "ddp"], "data": ["pysource"], "logger": ["wandb", "csv"],
         "callbacks": ["default"], "experiment": ["paper_small"], "debug": ["fast"], "sweep": ["grid", "paper_six"],
     }  # fmt: skip

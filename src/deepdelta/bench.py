@@ -43,7 +43,7 @@ VARIANTS: dict[str, dict] = {
     "ddl-tc-ec-dv4": dict(residual="ddl", compressor="tc", expand="conv", dv=4),
 }
 DEFAULT_VARIANTS = tuple(VARIANTS)
-_NAME = re.compile(r"^(additive|ddl|write_only)(?:-(cc|tc))?(?:-(ec|rep))?(?:-dv(\d+))?(-bf16)?$")
+_NAME = re.compile(r"^(additive|ddl|write_only)(?:-(cc|tc))?(?:-(ec|rep))?(?:-dv(\d+))?$")
 
 # Dense bf16 peak (no sparsity) by a substring of the device name; first match wins.
 PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12), ("A100", 312e12))
@@ -51,20 +51,17 @@ PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("
 
 def variant_overrides(name: str) -> dict:
     """ModelConfig overrides for a variant: from VARIANTS, else parsed from the name
-    (``{additive|ddl|write_only}[-{cc|tc}][-{ec|rep}][-dvN][-bf16]``, e.g. ``ddl-tc-ec-dv8``; ``-bf16``:
-    the state stored in bf16)."""
+    (``{additive|ddl|write_only}[-{cc|tc}][-{ec|rep}][-dvN]``, e.g. ``ddl-tc-ec-dv8``)."""
     if name in VARIANTS:
         return dict(VARIANTS[name])
     m = _NAME.match(name)
     if not m:
         raise ValueError(
             f"variant: got {name!r}, allowed: one of {', '.join(VARIANTS)} "
-            "or {additive|ddl|write_only}[-{cc|tc}][-{ec|rep}][-dvN][-bf16]"
+            "or {additive|ddl|write_only}[-{cc|tc}][-{ec|rep}][-dvN]"
         )
-    residual, compressor, expand, dv, bf16 = m.groups()
+    residual, compressor, expand, dv = m.groups()
     out: dict = dict(residual=residual, dv=int(dv or 1))
-    if bf16:
-        out["state_dtype"] = "bfloat16"
     if compressor:
         out["compressor"] = compressor
     if expand:

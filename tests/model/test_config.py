@@ -50,7 +50,6 @@ INVALID = [
     (dict(expand="x"), "expand", "'x'", "conv | repeat"),
     (dict(value_source="x"), "value_source", "'x'", "context | state"),
     (dict(value_squash="tanh"), "value_squash", "'tanh'", "none | sigmoid"),
-    (dict(state_dtype="float16"), "state_dtype", "'float16'", "float32 | bfloat16"),
     (dict(beta_max=0), "beta_max", "0", "(0, 2]"),
     (dict(beta_max=-1.0), "beta_max", "-1.0", "(0, 2]"),
     (dict(beta_max=2.5), "beta_max", "2.5", "(0, 2]"),

@@ -13,7 +13,6 @@ COMPRESSOR_ALIASES = {"ec": "tc"}  # "EC along tokens", an earlier revision's na
 EXPANDS = ("conv", "repeat")
 VALUE_SOURCES = ("context", "state")
 VALUE_SQUASHES = ("none", "sigmoid")
-STATE_DTYPES = ("float32", "bfloat16")
 
 # The paper's sizes (spec "Backbone") and a CPU-sized default.
 PRESETS: dict[str, dict[str, int]] = {
@@ -43,9 +42,6 @@ class ModelConfig:
     value_squash: str = "none"
     value_scale: float = 4.0
     k_eps: float = 1e-5
-    # storage of the state X between sublayers; the update math runs in fp32 either way.
-    # bfloat16 halves the state's memory traffic and its saved activations (an ablation)
-    state_dtype: str = "float32"
     # backbone
     n_layer: int = 4
     n_head: int = 4
@@ -95,7 +91,6 @@ class ModelConfig:
         choice("expand", EXPANDS)
         choice("value_source", VALUE_SOURCES)
         choice("value_squash", VALUE_SQUASHES)
-        choice("state_dtype", STATE_DTYPES)
         integer("dv", 1)
         integer("conv_kernel", 1)
         integer("beta_hidden", 0)

@@ -71,7 +71,7 @@ class ResidualRule(nn.Module):
         """``state`` (B,T,d,dv), compressed input ``x_in`` and context ``c`` = norm(x_in),
         sublayer output ``h`` = F(c), all (B,T,d). Returns the new state."""
         if self.kind == "additive":
-            return (ops.at_least_fp32(state) + h[..., None]).to(state.dtype)  # rounded once if stored in bf16
+            return state + h[..., None]
         cfg = self.cfg
         if cfg.map == "k":
             k = h
