@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import os
 import shlex
 import subprocess
@@ -52,7 +53,7 @@ class Job:
     def status(self) -> str:
         """finished / started (a directory, maybe a checkpoint) / new."""
         summary = self.run_dir / "summary.json"
-        if summary.exists() and '"status": "finished"' in summary.read_text():
+        if summary.exists() and json.loads(summary.read_text()).get("status") == "finished":
             return "finished"
         return "started" if (self.run_dir / ".hydra").exists() else "new"
 
