@@ -69,7 +69,9 @@ def main(argv: list[str] | None = None) -> None:
     ]
     if a.repeat:
         runs.append(("gpu1-repeat", "1 GPU again", ["trainer=gpu"], 1))
-    if a.diagnose:  # where does a loss gap come from: accumulation, DDP, or compiled kernels?
+    # where does a loss gap come from: accumulation, DDP, or compiled kernels? (one batch of n·m draws
+    # other windows than n micro-batches of m: its curve is a reference for noise, not an exact match)
+    if a.diagnose:
         runs += [
             ("gpu1-whole", f"1 GPU, one batch of {n * m}", ["trainer=gpu", f"data.batch_size={n * m}"], 1),
             ("gpu1-eager", "1 GPU, not compiled", ["trainer=gpu", "compile=false"], 1),
