@@ -108,6 +108,14 @@ class _Tokens:
         return {**self.__dict__, "_arr": None}
 
 
+def rank_windows(k: int, batch_size: int, rank: int, world_size: int, start_window: int = 0) -> np.ndarray:
+    """Global window indices of a rank's ``k``-th training batch: step ``k`` takes the next
+    ``world_size × batch_size`` windows after ``start_window`` and gives each rank its own slice, so
+    ranks never share a window and the global order does not depend on the world size."""
+    first = start_window + (k * world_size + rank) * batch_size
+    return np.arange(first, first + batch_size, dtype=np.int64)
+
+
 class TrainWindows(BatchStream):
     """Infinite training batches for one rank, starting at global window ``start_window`` (resume point)."""
 
@@ -133,9 +141,7 @@ class TrainWindows(BatchStream):
         self.rank, self.world_size, self.start_window = rank, world_size, int(start_window)
 
     def windows(self, k: int) -> np.ndarray:
-        """Global window indices of this rank's ``k``-th batch."""
-        first = self.start_window + (k * self.world_size + self.rank) * self.batch_size
-        return np.arange(first, first + self.batch_size, dtype=np.int64)
+        return rank_windows(k, self.batch_size, self.rank, self.world_size, self.start_window)
 
     def starts(self, k: int) -> np.ndarray:
         return self.plan.starts(self.windows(k))

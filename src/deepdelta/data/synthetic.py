@@ -23,7 +23,7 @@ import torch
 from torchmetrics import Metric
 
 from deepdelta.data.errors import DataError, choose
-from deepdelta.data.sampling import BatchStream
+from deepdelta.data.sampling import BatchStream, rank_windows
 
 TASKS = ("rebind", "recall", "mix")
 VAL_SEED = 0x5A11DA7E  # the validation set is fixed: identical for every training seed
@@ -142,8 +142,7 @@ class SyntheticTrain(BatchStream):
         self.rank, self.world_size, self.start_window = rank, world_size, int(start_window)
 
     def windows(self, k: int) -> np.ndarray:
-        first = self.start_window + (k * self.world_size + self.rank) * self.batch_size
-        return np.arange(first, first + self.batch_size, dtype=np.int64)
+        return rank_windows(k, self.batch_size, self.rank, self.world_size, self.start_window)
 
     def batch(self, k: int):
         return _stack(self.task, self.block_size, self.seed, self.windows(k))
