@@ -37,6 +37,40 @@ def row_step(row: dict[str, Any]) -> float:
         return -math.inf
 
 
+def write_csv(path: Path, fieldnames: list[str], rows: list[dict[str, Any]]) -> None:
+    """Replace the local CSV ``path`` atomically: readers, and a kill at any moment, see the old file or the new."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=fieldnames)
+            writer.writeheader()
+            writer.writerows(rows)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def keep_rows_before(path: Path, step: int) -> None:
+    """Drop the rows of ``step`` and later from the local CSV ``path`` (an earlier attempt's rows that a
+    run resumed at ``step`` logs again), atomically; the file goes when no row is left."""
+    if not path.exists():
+        return
+    with open(path, newline="") as file:
+        reader = csv.DictReader(file)
+        rows = list(reader)
+        header = list(reader.fieldnames or [])
+    kept = [row for row in rows if row_step(row) < step]
+    if len(kept) == len(rows):
+        return
+    if kept:
+        write_csv(path, header, kept)
+    else:
+        path.unlink()
+
+
 class ResumableWriter(ExperimentWriter):
     """Lightning's CSV writer; with ``resume_step`` set it continues an existing ``metrics.csv``."""
 
@@ -86,19 +120,7 @@ class ResumableWriter(ExperimentWriter):
                 writer.writeheader()
                 writer.writerows(rows)
             return
-        path = Path(self.metrics_file_path)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            with open(tmp, "w", newline="") as file:
-                writer = csv.DictWriter(file, fieldnames=fieldnames)
-                writer.writeheader()
-                writer.writerows(rows)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        write_csv(Path(self.metrics_file_path), fieldnames, rows)
 
 
 class ResumableCSVLogger(CSVLogger):

@@ -21,7 +21,6 @@ holds it), so the table and the logged metrics come out as in an uninterrupted r
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 
 from deepdelta.analysis.mechanism import COLUMNS, probe_stats, read_probes, rows_to_metrics
+from deepdelta.loggers import keep_rows_before
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class MechanismProbe(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         step = trainer.global_step  # the start point: 0, or the step of the checkpoint resumed from
         if trainer.is_global_zero:
-            self._keep_before(self.path(trainer), step)  # the steps from here on are replayed
+            keep_rows_before(self.path(trainer), step)  # the steps from here on are replayed
         redo = self._last_step == step  # the checkpoint was taken right after this step's probe: redo it
         if redo:
             self._mean_k, self._last_step = self._previous_mean_k, -1
@@ -111,25 +111,6 @@ class MechanismProbe(L.Callback):
         self._mean_k = dict(state_dict.get("mean_k", {}))
         self._previous_mean_k = dict(state_dict.get("previous_mean_k", {}))
         self.seconds = float(state_dict.get("seconds", 0.0))
-
-    @staticmethod
-    def _keep_before(path: Path, step: int) -> None:
-        """Drop the rows of ``step`` and later from ``path`` (left by an earlier attempt of a resumed run)."""
-        if not path.exists():
-            return
-        try:
-            frame = pd.read_csv(path)
-        except pd.errors.EmptyDataError:
-            frame = pd.DataFrame({"step": []})
-        kept = frame[frame["step"] < step]
-        if len(kept) == len(frame):
-            return
-        if kept.empty:
-            path.unlink()
-            return
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        kept.to_csv(tmp, index=False)
-        os.replace(tmp, path)  # atomic: a kill leaves the old table or the new one
 
     # -- the probe ------------------------------------------------------------------------
     def _probe_batch(self, trainer: L.Trainer) -> torch.Tensor | None:
