@@ -210,24 +210,33 @@ def _gated_probes(groups: Sequence[Group]) -> list[tuple[Group, pd.DataFrame]]:
     return [(g, p) for g, p in gated if not p.empty]
 
 
+def _panel_grid(
+    gated: list[tuple[Group, pd.DataFrame]], max_cols: int, width: float, row_height: float, extra_height: float = 0.0
+) -> tuple[Figure, list]:
+    """A figure with one panel per gated configuration, up to ``max_cols`` a row, rows as tall as the
+    sublayer count needs; grid cells beyond the configurations are hidden."""
+    n_sub = max(p["sublayer"].nunique() for _, p in gated)
+    cols = min(max_cols, len(gated))
+    rows = math.ceil(len(gated) / cols)
+    fig = Figure(figsize=(width * cols, extra_height + rows * (row_height + 0.25 * n_sub)), layout="constrained")
+    axes = list(fig.subplots(rows, cols, squeeze=False).flatten())
+    for ax in axes[len(gated) :]:
+        ax.set_visible(False)
+    return fig, axes
+
+
 def group_beta_heatmaps(groups: Sequence[Group]) -> Figure | None:
     """One mean-β heatmap per gated configuration (averaged over its seeds); None without gates."""
     gated = _gated_probes(groups)
     if not gated:
         return None
-    n_sub = max(p["sublayer"].nunique() for _, p in gated)
-    cols = min(2, len(gated))
-    rows = math.ceil(len(gated) / cols)
-    fig = Figure(figsize=(6.5 * cols, rows * (1.4 + 0.25 * n_sub)), layout="constrained")
-    axes = fig.subplots(rows, cols, squeeze=False).flatten()
+    fig, axes = _panel_grid(gated, max_cols=2, width=6.5, row_height=1.4)
     beta_max = max(g.first.beta_max for g, _ in gated)
     mesh = None
     for ax, (group, probes) in zip(axes, gated, strict=False):
         mesh = draw_beta_heatmap(ax, probes, beta_max)
         seeds = f" ({len(group.runs)} seeds)" if len(group.runs) > 1 else ""
         ax.set_title(group.label + seeds, fontsize=9)
-    for ax in axes[len(gated) :]:
-        ax.set_visible(False)
     fig.colorbar(mesh, ax=list(axes[: len(gated)]), label="mean β", shrink=0.8)
     return fig
 
@@ -237,18 +246,13 @@ def group_regime_bars(groups: Sequence[Group]) -> Figure | None:
     gated = _gated_probes(groups)
     if not gated:
         return None
-    n_sub = max(p["sublayer"].nunique() for _, p in gated)
-    cols = min(3, len(gated))
-    rows = math.ceil(len(gated) / cols)
-    fig = Figure(figsize=(4.5 * cols, 1.0 + rows * (1.2 + 0.25 * n_sub)), layout="constrained")
-    axes = fig.subplots(rows, cols, squeeze=False).flatten()
+    fig, axes = _panel_grid(gated, max_cols=3, width=4.5, row_height=1.2, extra_height=1.0)
     for i, (ax, (group, probes)) in enumerate(zip(axes, gated, strict=False)):
         draw_regime_bars(ax, probes, legend=False)
         ax.set_title(group.label, fontsize=9)
         if i:
             ax.set_xlabel("")
-    for ax in axes[len(gated) :]:
-        ax.set_visible(False)
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside upper center", ncol=5 if cols > 1 else 3, fontsize=8, frameon=False)
+    ncol = 5 if len(gated) > 1 else 3  # one column of panels when there is one configuration
+    fig.legend(handles, labels, loc="outside upper center", ncol=ncol, fontsize=8, frameon=False)
     return fig
