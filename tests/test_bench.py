@@ -33,6 +33,7 @@ def test_variant_names():
         residual="write_only", compressor="tc", expand="repeat", dv=8
     )
     assert bench.variant_overrides("additive") == dict(residual="additive", dv=1)
+    assert bench.variant_overrides("ddl-cc-dv4-plain") == dict(residual="ddl", compressor="cc", dv=4, kernel="plain")
     with pytest.raises(ValueError, match="allowed"):
         bench.variant_overrides("ddl-xx-dv4")
 

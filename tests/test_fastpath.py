@@ -3,18 +3,20 @@
 CPU: the narrow linear maps and the one-convolution `tc` read against their plain
 definitions; the compiled model against the eager one (slow); one
 training step. GPU (``-m gpu``): the compiled bf16 training path against eager fp32 and
-eager bf16, forward and gradients, for the DDL variants, and the compiled loss.
+eager bf16, forward and gradients, for the DDL variants; the Triton update kernels against
+the plain ops; and the compiled loss.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from deepdelta.model import DeltaTransformer, ModelConfig
+from deepdelta.model import DeltaTransformer, ModelConfig, fused, ops
 from deepdelta.model.fastpath import compile_model, make_optimizer, make_train_step
 from deepdelta.model.loss import linear_cross_entropy
 from deepdelta.model.residual import narrow_linear
@@ -116,13 +118,17 @@ GPU_SHAPE = dict(n_layer=2, d_model=128, n_head=2, head_dim=64, vocab_size=512, 
         dict(residual="ddl", dv=4, compressor="cc", expand="conv"),
         dict(residual="ddl", dv=4, compressor="tc", expand="conv"),
         dict(residual="write_only", dv=2, compressor="cc", expand="conv"),
+        dict(residual="ddl", dv=1),
+        dict(residual="write_only", dv=1),
     ],
-    ids=["ddl-cc-ec-dv4", "ddl-tc-ec-dv4", "write_only-cc-ec-dv2"],
+    ids=["ddl-cc-ec-dv4", "ddl-tc-ec-dv4", "write_only-cc-ec-dv2", "ddl-dv1", "write_only-dv1"],
 )
 def test_compiled_bf16_matches_eager_gpu(overrides):
-    cfg = ModelConfig(**{**GPU_SHAPE, **overrides})
+    """The training path (compiled, bf16, fused Triton update) against the plain ops, eager."""
+    cfg = ModelConfig(**{**GPU_SHAPE, **overrides}, kernel="plain")
     eager = _perturbed(cfg, "cuda")
-    compiled = copy.deepcopy(eager)
+    compiled = DeltaTransformer(dataclasses.replace(cfg, kernel="fused")).cuda()
+    compiled.load_state_dict(eager.state_dict())
     fn = compile_model(compiled)
     idx, targets = torch.randint(0, cfg.vocab_size, (2, 4, 128), device="cuda").unbind(0)
     loss_32, grads_32 = _loss_and_grads(eager, eager.loss, idx, targets)  # eager fp32: the reference
@@ -132,6 +138,42 @@ def test_compiled_bf16_matches_eager_gpu(overrides):
     torch.testing.assert_close(loss_c, loss_16, rtol=1e-2, atol=1e-2)
     _assert_grads_close(grads_c, grads_32, 3e-2)  # bf16 matmuls against fp32
     _assert_grads_close(grads_c, grads_16, 3e-2)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("dv", [1, 3, 4, 8])
+@pytest.mark.parametrize("erase", [True, False], ids=["ddl", "write_only"])
+@pytest.mark.parametrize("chain", [False, True], ids=["saved", "recomputed"])
+def test_triton_update_matches_ops_gpu(dv, erase, chain):
+    """The Triton kernels, forward and backward, against autograd through the plain ops in
+    fp64: an odd width (masked tiles), a row count that is not a multiple of the backward's
+    rows per program, a bf16 key as under autocast, with and without the cc compression."""
+    n, d = 1000, 200
+    rule = ops.delta_update if erase else ops.write_only_update
+
+    def r(*shape, dtype=torch.float32):
+        return torch.randn(*shape, device="cuda").to(dtype)
+
+    x0, k0, v0, b0 = r(n, d, dv), r(n, d, dtype=torch.bfloat16), r(n, dv), 2 * torch.rand(n, device="cuda")
+    state = rule(x0, k0.float(), v0, b0).requires_grad_()
+    k = r(n, d, dtype=torch.bfloat16).requires_grad_()
+    v, beta = r(n, dv).requires_grad_(), (2 * torch.rand(n, device="cuda")).requires_grad_()
+    mix = r(d, dv).requires_grad_()
+    g_new, g_xc = r(n, d, dv), r(n, d)
+    leaves = [state, k, v, beta, mix]
+
+    new, xc = fused.update(state, k, v, beta, erase=erase, mix=mix, prev=fused.Edit(x0, k0, v0, b0) if chain else None)
+    got = torch.autograd.grad((new * g_new).sum() + (xc * g_xc).sum(), leaves)
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    s64, k64, v64, b64, m64 = leaves64
+    want_new = rule(s64, k64, v64, b64)
+    want = torch.autograd.grad((want_new * g_new).sum() + ((want_new * m64).sum(-1) * g_xc).sum(), leaves64)
+    assert rel(new, want_new) < 1e-6
+    assert rel(xc, (want_new * m64).sum(-1)) < 1e-6
+    for name, a, b in zip(["state", "k", "v", "beta", "mix"], got, want, strict=True):
+        assert a.dtype == leaves[["state", "k", "v", "beta", "mix"].index(name)].dtype
+        assert rel(a, b) < (1e-2 if name == "k" else 1e-5), name  # k's gradient is stored in bf16
 
 
 @pytest.mark.gpu

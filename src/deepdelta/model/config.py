@@ -13,6 +13,7 @@ COMPRESSOR_ALIASES = {"ec": "tc"}  # "EC along tokens", an earlier revision's na
 EXPANDS = ("conv", "repeat")
 VALUE_SOURCES = ("context", "state")
 VALUE_SQUASHES = ("none", "sigmoid")
+KERNELS = ("auto", "fused", "plain")
 
 # The paper's sizes (spec "Backbone") and a CPU-sized default.
 PRESETS: dict[str, dict[str, int]] = {
@@ -42,6 +43,9 @@ class ModelConfig:
     value_squash: str = "none"
     value_scale: float = 4.0
     k_eps: float = 1e-5
+    # how the update runs (same function): `fused` one Triton kernel per update on CUDA
+    # (model/fused.py), `plain` the ops of model/ops.py, `auto` fused where Triton can run
+    kernel: str = "auto"
     # backbone
     n_layer: int = 4
     n_head: int = 4
@@ -91,6 +95,7 @@ class ModelConfig:
         choice("expand", EXPANDS)
         choice("value_source", VALUE_SOURCES)
         choice("value_squash", VALUE_SQUASHES)
+        choice("kernel", KERNELS)
         integer("dv", 1)
         integer("conv_kernel", 1)
         integer("beta_hidden", 0)

@@ -4,6 +4,10 @@
 a value v and a gate β from the sublayer's context c and output h (k-map or v-map) and
 call the update in `ops`. When `record` is on, the rule keeps the last forward's β, ‖k̃‖,
 k̂ and e_pre = k̂ᵀX − vᵀ (detached); when off it costs nothing.
+
+The update itself runs either as the ops (``kernel=plain``) or as one fused kernel
+(``model/fused.py``), which can also return the next `cc` compression of the new state
+and recompute its input from the previous update in the backward instead of keeping it.
 """
 
 from __future__ import annotations
@@ -14,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from deepdelta.model import ops
+from deepdelta.model import fused, ops
 from deepdelta.model.config import ModelConfig
+from deepdelta.model.state import Compress
 
 
 def narrow_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -70,8 +75,23 @@ class ResidualRule(nn.Module):
     def forward(self, state: Tensor, x_in: Tensor, c: Tensor, h: Tensor) -> Tensor:
         """``state`` (B,T,d,dv), compressed input ``x_in`` and context ``c`` = norm(x_in),
         sublayer output ``h`` = F(c), all (B,T,d). Returns the new state."""
+        return self.step(state, x_in, c, h)[0]
+
+    def step(
+        self,
+        state: Tensor,
+        x_in: Tensor,
+        c: Tensor,
+        h: Tensor,
+        compress: Compress | None = None,
+        prev: fused.Edit | None = None,
+    ) -> tuple[Tensor, Tensor | None, fused.Edit | None]:
+        """The new state; ``compress`` of it (the next sublayer's x_in) when given; and the
+        edit, for a following ``step(prev=...)``. ``prev``, the edit that made ``state``,
+        lets the fused kernel recompute ``state`` in the backward instead of keeping it."""
         if self.kind == "additive":
-            return state + h[..., None]
+            new = state + h[..., None]
+            return new, compress(new) if compress is not None else None, None
         cfg = self.cfg
         if cfg.map == "k":
             k = h
@@ -84,8 +104,21 @@ class ResidualRule(nn.Module):
         beta = ops.gate(self.gate(c), cfg.beta_max)
         if self.record:
             self._record(state, k, v, beta)
-        update = ops.delta_update if self.kind == "ddl" else ops.write_only_update
-        return update(state, k, v, beta, cfg.k_eps)
+        erase = self.kind == "ddl"
+        if not self.fused(state):
+            update = ops.delta_update if erase else ops.write_only_update
+            new = update(state, k, v, beta, cfg.k_eps)
+            return new, compress(new) if compress is not None else None, None
+        mix = compress.mix if compress is not None and compress.kind == "cc" else None
+        new, x_next = fused.update(state, k, v, beta, cfg.k_eps, erase, mix=mix, prev=prev)
+        if compress is not None and mix is None:
+            x_next = compress(new)
+        return new, x_next, fused.Edit(state, k, v, beta)
+
+    def fused(self, state: Tensor) -> bool:
+        """Whether this update runs the fused kernel (``kernel``: fused, or auto on CUDA with Triton)."""
+        kernel = self.cfg.kernel
+        return kernel == "fused" or (kernel == "auto" and state.is_cuda and fused.triton is not None)
 
     @torch.no_grad()
     def _record(self, state: Tensor, k: Tensor, v: Tensor, beta: Tensor) -> None:

@@ -1,0 +1,345 @@
+"""The fused DDL update: one pass over the state forward, one pass backward (issue 5).
+
+``update(state, k, v, beta, ...)`` computes the same function as ``ops.delta_update`` /
+``ops.write_only_update`` — key norm, read, compare, write — and optionally the `cc`
+compression of the new state (the next sublayer's input), in one Triton kernel per row
+of the state (one token's (d, dv) matrix): the state is read once and written once. Its
+backward is one more kernel per row, from the saved input state, with the gradients
+derived by hand (``_backward_formulas`` states them in torch; tests compare them with
+autograd through ``ops``).
+
+Memory: the op saves its input state, not its output. With ``prev`` (the inputs of the
+update that produced ``state``), it saves nothing of its own and recomputes ``state``
+from ``prev`` inside the backward kernel (a row-local recomputation), so a block's two
+updates keep one state, as the compiled plain ops do.
+
+The Triton kernels run for fp32 states on CUDA; elsewhere (CPU, fp64) the op runs the
+same formulas in torch, so the hand-written backward is tested on the CPU too.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from deepdelta.model import ops
+
+try:  # triton ships with CUDA builds of torch; CPU-only installs do without it
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+
+
+class Edit(NamedTuple):
+    """The inputs of one update: enough to recompute its output state row by row."""
+
+    state: Tensor
+    k: Tensor
+    v: Tensor
+    beta: Tensor
+
+
+def available() -> bool:
+    """Whether the Triton kernels can run here (a CUDA device and triton installed)."""
+    return triton is not None and torch.cuda.is_available()
+
+
+# -- the formulas, in torch (CPU / fp64 path, and the statement of the kernels' math) --------
+
+
+def _key(k: Tensor, dtype: torch.dtype, k_eps: float) -> tuple[Tensor, Tensor]:
+    """k̂ and 1/sqrt(‖k‖² + ε²), in the state's dtype (no rounding of k̂ to k's dtype)."""
+    k = k.to(dtype)
+    inv = torch.rsqrt((k * k).sum(-1, keepdim=True) + k_eps**2)
+    return k * inv, inv
+
+
+def _forward_formulas(
+    state: Tensor, k: Tensor, v: Tensor, beta: Tensor, mix: Tensor | None, k_eps: float, erase: bool
+) -> tuple[Tensor, Tensor]:
+    rule = ops.delta_update if erase else ops.write_only_update
+    new = rule(state, k.to(state.dtype), v, beta, k_eps)
+    return new, ((new * mix).sum(-1) if mix is not None else new.new_empty(0))
+
+
+def _backward_formulas(
+    state: Tensor,
+    k: Tensor,
+    v: Tensor,
+    beta: Tensor,
+    mix: Tensor | None,
+    grad_new: Tensor,
+    grad_xc: Tensor | None,
+    k_eps: float,
+    erase: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+    """Gradients of X' = X + β k̂ eᵀ, e = v − k̂ᵀX (e = v without erase), and of x_c = Σ_j mix⊙X'.
+
+    With G = ∂L/∂X' (plus grad_xc ⊗ mix) and g = Gᵀk̂:
+    ∂X = G − β k̂ gᵀ, ∂v = β g, ∂β = g·e, ∂k̂ = β (G e − X g),
+    ∂k = (∂k̂ − k̂ (k̂·∂k̂)) / sqrt(‖k‖² + ε²), ∂mix = Σ_tokens grad_xc ⊗ X'.
+    (Without erase the X g term and the −β k̂ gᵀ term drop.)"""
+    kh, inv = _key(k, state.dtype, k_eps)
+    b = beta[..., None]
+    e = v - (kh[..., None] * state).sum(-2) if erase else v
+    G = grad_new if mix is None else grad_new + grad_xc[..., None] * mix
+    g = (kh[..., None] * G).sum(-2)
+    grad_kh = (G * e[..., None, :]).sum(-1)
+    if erase:
+        grad_kh = grad_kh - (state * g[..., None, :]).sum(-1)
+    grad_kh = b * grad_kh
+    grad_k = (grad_kh - kh * (kh * grad_kh).sum(-1, keepdim=True)) * inv
+    grad_state = G - (b * kh)[..., None] * g[..., None, :] if erase else G
+    grad_mix = None
+    if mix is not None:
+        new = state + (b * kh)[..., None] * e[..., None, :]
+        grad_mix = (grad_xc[..., None] * new).reshape(-1, *mix.shape).sum(0)
+    return grad_state, grad_k.to(k.dtype), b * g, (g * e).sum(-1), grad_mix
+
+
+# -- Triton kernels -----------------------------------------------------------------------
+
+if triton is not None:
+
+    @triton.jit
+    def _load_key(k_ptr, row, offs_d, mask_d, D, eps2):
+        k = tl.load(k_ptr + row * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        inv = 1.0 / tl.sqrt(tl.sum(k * k, axis=0) + eps2)
+        return k * inv, inv
+
+    @triton.jit
+    def _apply(x, kh, v, beta, ERASE: tl.constexpr):
+        # X' = X + β k̂ eᵀ with e = v − k̂ᵀX (or e = v without erase)
+        if ERASE:
+            e = v - tl.sum(kh[:, None] * x, axis=0)
+        else:
+            e = v
+        return x + (beta * kh)[:, None] * e[None, :], e
+
+    @triton.jit
+    def _row(x_ptr, k_ptr, v_ptr, b_ptr, row, offs_d, offs_j, D, DV, eps2, ERASE: tl.constexpr):
+        """Load one row's state and edit, apply the edit: (X, k̂, 1/‖k‖, v, β, X', e)."""
+        mask_d = offs_d < D
+        mask_j = offs_j < DV
+        kh, inv = _load_key(k_ptr, row, offs_d, mask_d, D, eps2)
+        v = tl.load(v_ptr + row * DV + offs_j, mask=mask_j, other=0.0)
+        beta = tl.load(b_ptr + row)
+        tile = offs_d[:, None] * DV + offs_j[None, :]
+        x = tl.load(x_ptr + row * D * DV + tile, mask=mask_d[:, None] & mask_j[None, :], other=0.0)
+        new, e = _apply(x, kh, v, beta, ERASE)
+        return x, kh, inv, v, beta, new, e
+
+    @triton.jit
+    def _forward_kernel(
+        x_ptr, k_ptr, v_ptr, b_ptr, mix_ptr, out_ptr, xc_ptr, D, DV, eps2,
+        BD: tl.constexpr, BV: tl.constexpr, ERASE: tl.constexpr, MIX: tl.constexpr,
+    ):  # fmt: skip
+        row = tl.program_id(0).to(tl.int64)
+        offs_d = tl.arange(0, BD)
+        offs_j = tl.arange(0, BV)
+        mask = (offs_d < D)[:, None] & (offs_j < DV)[None, :]
+        tile = offs_d[:, None] * DV + offs_j[None, :]
+        _, _, _, _, _, new, _ = _row(x_ptr, k_ptr, v_ptr, b_ptr, row, offs_d, offs_j, D, DV, eps2, ERASE)
+        tl.store(out_ptr + row * D * DV + tile, new, mask=mask)
+        if MIX:
+            mix = tl.load(mix_ptr + tile, mask=mask, other=0.0)
+            tl.store(xc_ptr + row * D + offs_d, tl.sum(new * mix, axis=1), mask=offs_d < D)
+
+    @triton.jit
+    def _backward_kernel(
+        x_ptr, k_ptr, v_ptr, b_ptr, mix_ptr, gnew_ptr, gxc_ptr,
+        px_ptr, pk_ptr, pv_ptr, pb_ptr,
+        gx_ptr, gk_ptr, gv_ptr, gb_ptr, gmix_ptr,
+        N, D, DV, eps2,
+        ROWS: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
+        ERASE: tl.constexpr, MIX: tl.constexpr, CHAIN: tl.constexpr,
+    ):  # fmt: skip
+        pid = tl.program_id(0).to(tl.int64)
+        offs_d = tl.arange(0, BD)
+        offs_j = tl.arange(0, BV)
+        mask_d = offs_d < D
+        mask = mask_d[:, None] & (offs_j < DV)[None, :]
+        tile = offs_d[:, None] * DV + offs_j[None, :]
+        if MIX:
+            mix = tl.load(mix_ptr + tile, mask=mask, other=0.0)
+        acc = tl.zeros((BD, BV), dtype=tl.float32)  # this program's share of ∂mix
+        for r in range(ROWS):
+            row = pid * ROWS + r
+            if row < N:
+                if CHAIN:  # recompute this op's input state from the previous edit
+                    _, _, _, _, _, x0, _ = _row(px_ptr, pk_ptr, pv_ptr, pb_ptr, row, offs_d, offs_j, D, DV, eps2, ERASE)
+                    x = x0
+                    kh, inv = _load_key(k_ptr, row, offs_d, mask_d, D, eps2)
+                    v = tl.load(v_ptr + row * DV + offs_j, mask=offs_j < DV, other=0.0)
+                    beta = tl.load(b_ptr + row)
+                    new, e = _apply(x, kh, v, beta, ERASE)
+                else:
+                    x, kh, inv, v, beta, new, e = _row(x_ptr, k_ptr, v_ptr, b_ptr, row, offs_d, offs_j, D, DV, eps2, ERASE)
+                G = tl.load(gnew_ptr + row * D * DV + tile, mask=mask, other=0.0)
+                if MIX:
+                    gxc = tl.load(gxc_ptr + row * D + offs_d, mask=mask_d, other=0.0)
+                    G += gxc[:, None] * mix
+                    acc += gxc[:, None] * new
+                g = tl.sum(kh[:, None] * G, axis=0)
+                tl.store(gv_ptr + row * DV + offs_j, beta * g, mask=offs_j < DV)
+                tl.store(gb_ptr + row, tl.sum(g * e, axis=0))
+                grad_kh = tl.sum(G * e[None, :], axis=1)
+                if ERASE:
+                    grad_kh -= tl.sum(x * g[None, :], axis=1)
+                    G -= (beta * kh)[:, None] * g[None, :]
+                grad_kh = beta * grad_kh
+                grad_k = (grad_kh - kh * tl.sum(kh * grad_kh, axis=0)) * inv
+                tl.store(gk_ptr + row * D + offs_d, grad_k.to(gk_ptr.dtype.element_ty), mask=mask_d)
+                tl.store(gx_ptr + row * D * DV + tile, G, mask=mask)
+        if MIX:
+            tl.store(gmix_ptr + pid * D * DV + tile, acc, mask=mask)
+
+
+_ROWS = 16  # rows per backward program: ∂mix is summed over N/_ROWS partial tiles
+
+
+def _blocks(D: int, DV: int) -> tuple[int, int, int]:
+    BD, BV = triton.next_power_of_2(D), max(2, triton.next_power_of_2(DV))
+    return BD, BV, 4 if BD * BV <= 2048 else 8
+
+
+def _use_triton(state: Tensor) -> bool:
+    return triton is not None and state.is_cuda and state.dtype == torch.float32
+
+
+# -- the op and its autograd --------------------------------------------------------------
+
+
+# triton_op lets torch.compile see the kernels; without triton it is a plain custom op
+_define = torch.library.triton_op if triton is not None else torch.library.custom_op
+
+
+@_define("deepdelta::ddl_update", mutates_args=())
+def _update_op(
+    state: Tensor,
+    k: Tensor,
+    v: Tensor,
+    beta: Tensor,
+    mix: Tensor | None,
+    prev_state: Tensor | None,
+    prev_k: Tensor | None,
+    prev_v: Tensor | None,
+    prev_beta: Tensor | None,
+    k_eps: float,
+    erase: bool,
+) -> tuple[Tensor, Tensor]:
+    """(X', the cc compression of X' or an empty tensor). The prev_* inputs are only kept
+    for the backward (to recompute ``state``)."""
+    if not _use_triton(state):
+        return _forward_formulas(state, k, v, beta, mix, k_eps, erase)
+    N, D, DV = state.shape
+    BD, BV, warps = _blocks(D, DV)
+    new = torch.empty_like(state)
+    xc = state.new_empty((N, D) if mix is not None else (0,))
+    torch.library.wrap_triton(_forward_kernel)[(N,)](
+        state, k, v, beta, mix if mix is not None else state, new, xc, D, DV, k_eps**2,
+        BD=BD, BV=BV, ERASE=erase, MIX=mix is not None, num_warps=warps,
+    )  # fmt: skip
+    return new, xc
+
+
+@_define("deepdelta::ddl_update_backward", mutates_args=())
+def _backward_op(
+    state: Tensor | None,
+    k: Tensor,
+    v: Tensor,
+    beta: Tensor,
+    mix: Tensor | None,
+    grad_new: Tensor,
+    grad_xc: Tensor | None,
+    prev_state: Tensor | None,
+    prev_k: Tensor | None,
+    prev_v: Tensor | None,
+    prev_beta: Tensor | None,
+    k_eps: float,
+    erase: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(∂state, ∂k, ∂v, ∂β, ∂mix or an empty tensor)."""
+    chain = prev_state is not None
+    ref = prev_state if chain else state
+    if not _use_triton(ref):
+        if chain:
+            state = _forward_formulas(prev_state, prev_k, prev_v, prev_beta, None, k_eps, erase)[0]
+        gx, gk, gv, gb, gmix = _backward_formulas(state, k, v, beta, mix, grad_new, grad_xc, k_eps, erase)
+        gx = gx.clone() if gx is grad_new else gx  # an op's output may not alias its input
+        return gx, gk, gv, gb, gmix if gmix is not None else ref.new_empty(0)
+    N, D, DV = ref.shape
+    BD, BV, warps = _blocks(D, DV)
+    programs = triton.cdiv(N, _ROWS)
+    gx = torch.empty_like(ref)
+    gk = torch.empty_like(k)
+    gv = torch.empty_like(v)
+    gb = torch.empty_like(beta)
+    partial = ref.new_empty((programs, D, DV) if mix is not None else (0,))
+    grad_new = grad_new.contiguous()
+    torch.library.wrap_triton(_backward_kernel)[(programs,)](
+        ref, k, v, beta, mix if mix is not None else ref, grad_new,
+        grad_xc.contiguous() if grad_xc is not None else k,
+        ref, prev_k if chain else k, prev_v if chain else v, prev_beta if chain else beta,
+        gx, gk, gv, gb, partial, N, D, DV, k_eps**2,
+        ROWS=_ROWS, BD=BD, BV=BV, ERASE=erase, MIX=mix is not None, CHAIN=chain, num_warps=warps,
+    )  # fmt: skip
+    return gx, gk, gv, gb, partial.sum(0) if mix is not None else partial
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    state, k, v, beta, mix, prev_state, prev_k, prev_v, prev_beta, k_eps, erase = inputs
+    ctx.k_eps, ctx.erase, ctx.chain = k_eps, erase, prev_state is not None
+    ctx.save_for_backward(
+        None if ctx.chain else state, k, v, beta, mix, prev_state, prev_k, prev_v, prev_beta
+    )
+
+
+def _backward(ctx, grad_new: Tensor, grad_xc: Tensor):
+    state, k, v, beta, mix, prev_state, prev_k, prev_v, prev_beta = ctx.saved_tensors
+    gx, gk, gv, gb, gmix = _backward_op(
+        state, k, v, beta, mix, grad_new, grad_xc if mix is not None else None,
+        prev_state, prev_k, prev_v, prev_beta, ctx.k_eps, ctx.erase,
+    )  # fmt: skip
+    return gx, gk, gv, gb, gmix if mix is not None else None, None, None, None, None, None, None
+
+
+_update_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def update(
+    state: Tensor,
+    k: Tensor,
+    v: Tensor,
+    beta: Tensor,
+    k_eps: float = 1e-5,
+    erase: bool = True,
+    mix: Tensor | None = None,
+    prev: Edit | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """X' = the DDL update (``erase=True``) or the write-only update of ``state`` (..., d, dv),
+    and, with ``mix`` (d, dv), the `cc` compression Σ_j mix⊙X' (..., d) of the new state.
+
+    ``prev`` names the update whose output ``state`` is; the backward then recomputes
+    ``state`` from it instead of keeping it (``state`` must equal that update's output).
+    """
+    lead, (d, dv) = state.shape[:-2], state.shape[-2:]
+    dtype = state.dtype
+
+    def rows(x: Tensor | None, *tail: int) -> Tensor | None:
+        return None if x is None else x.reshape(-1, *tail).contiguous()
+
+    def cast(x: Tensor) -> Tensor:
+        return x.to(dtype) if x.dtype != dtype else x
+
+    p = prev or Edit(None, None, None, None)
+    new, xc = _update_op(
+        rows(state, d, dv), rows(k, d), rows(cast(v), dv), rows(cast(beta)),
+        None if mix is None else cast(mix).contiguous(),
+        rows(p.state, d, dv), rows(p.k, d), rows(None if prev is None else cast(p.v), dv),
+        rows(None if prev is None else cast(p.beta)), k_eps, erase,
+    )  # fmt: skip
+    return new.view(*lead, d, dv), (xc.view(*lead, d) if mix is not None else None)
