@@ -177,7 +177,9 @@ if triton is not None:
                     beta = tl.load(b_ptr + row)
                     new, e = _apply(x, kh, v, beta, ERASE)
                 else:
-                    x, kh, inv, v, beta, new, e = _row(x_ptr, k_ptr, v_ptr, b_ptr, row, offs_d, offs_j, D, DV, eps2, ERASE)
+                    x, kh, inv, v, beta, new, e = _row(
+                        x_ptr, k_ptr, v_ptr, b_ptr, row, offs_d, offs_j, D, DV, eps2, ERASE
+                    )
                 G = tl.load(gnew_ptr + row * D * DV + tile, mask=mask, other=0.0)
                 if MIX:
                     gxc = tl.load(gxc_ptr + row * D + offs_d, mask=mask_d, other=0.0)
@@ -293,9 +295,7 @@ def _backward_op(
 def _setup_context(ctx, inputs, output) -> None:
     state, k, v, beta, mix, prev_state, prev_k, prev_v, prev_beta, k_eps, erase = inputs
     ctx.k_eps, ctx.erase, ctx.chain = k_eps, erase, prev_state is not None
-    ctx.save_for_backward(
-        None if ctx.chain else state, k, v, beta, mix, prev_state, prev_k, prev_v, prev_beta
-    )
+    ctx.save_for_backward(None if ctx.chain else state, k, v, beta, mix, prev_state, prev_k, prev_v, prev_beta)
 
 
 def _backward(ctx, grad_new: Tensor, grad_xc: Tensor):
