@@ -107,7 +107,7 @@ if triton is not None:
     @triton.jit
     def _load_key(k_ptr, row, offs_d, mask_d, D, eps2):
         k = tl.load(k_ptr + row * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-        inv = 1.0 / tl.sqrt(tl.sum(k * k, axis=0) + eps2)
+        inv = 1.0 / tl.sqrt((tl.sum(k * k, axis=0) + eps2).to(tl.float32))  # eps2 may arrive as fp64
         return k * inv, inv
 
     @triton.jit
