@@ -66,16 +66,20 @@ def _loss_and_grads(model, loss_fn, idx, targets, dtype=None):
     return loss.detach().float(), {n: p.grad.detach().float().clone() for n, p in model.named_parameters()}
 
 
-def _assert_grads_close(got: dict, want: dict, tol: float) -> None:
+def _assert_grads_close(got: dict, want: dict, tol: float, baseline: dict | None = None) -> None:
+    """All gradients within ``tol`` of ``want``; each parameter's within 4·tol, or within
+    1.5× the error of ``baseline`` (another path's gradients) where that is larger."""
     flat_got = torch.cat([g.flatten() for g in got.values()])
     flat_want = torch.cat([g.flatten() for g in want.values()])
     assert rel(flat_got, flat_want) < tol, f"all gradients: {rel(flat_got, flat_want):.2e}"
     scale = flat_want.norm() / flat_want.numel() ** 0.5
+
+    def err(g, w):  # relative error, or absolute against the typical gradient size
+        return ((g - w).norm() / max(w.norm().item(), scale.item() * w.numel() ** 0.5)).item()
+
     for name, g in got.items():
-        w = want[name]
-        # per parameter: relative error, or absolute against the typical gradient size
-        err = (g - w).norm() / max(w.norm().item(), scale.item() * w.numel() ** 0.5)
-        assert err < 4 * tol, f"{name}: {err:.2e}"
+        bound = max(4 * tol, 1.5 * err(baseline[name], want[name]) if baseline else 0.0)
+        assert err(g, want[name]) < bound, f"{name}: {err(g, want[name]):.2e} (bound {bound:.2e})"
 
 
 @pytest.mark.slow
@@ -124,20 +128,24 @@ GPU_SHAPE = dict(n_layer=2, d_model=128, n_head=2, head_dim=64, vocab_size=512, 
     ids=["ddl-cc-ec-dv4", "ddl-tc-ec-dv4", "write_only-cc-ec-dv2", "ddl-dv1", "write_only-dv1"],
 )
 def test_compiled_bf16_matches_eager_gpu(overrides):
-    """The training path (compiled, bf16, fused Triton update) against the plain ops, eager."""
+    """The training path (compiled, bf16, fused Triton update) against the plain ops: eager
+    fp32 (the reference), eager bf16, and compiled bf16 (whose rounding it should match:
+    at dv=1 a few small gate and value biases differ from fp32 by ~0.13 on both paths)."""
     cfg = ModelConfig(**{**GPU_SHAPE, **overrides}, kernel="plain")
     eager = _perturbed(cfg, "cuda")
-    compiled = DeltaTransformer(dataclasses.replace(cfg, kernel="fused")).cuda()
-    compiled.load_state_dict(eager.state_dict())
-    fn = compile_model(compiled)
+    plain = copy.deepcopy(eager)
+    fused_model = DeltaTransformer(dataclasses.replace(cfg, kernel="fused")).cuda()
+    fused_model.load_state_dict(eager.state_dict())
     idx, targets = torch.randint(0, cfg.vocab_size, (2, 4, 128), device="cuda").unbind(0)
     loss_32, grads_32 = _loss_and_grads(eager, eager.loss, idx, targets)  # eager fp32: the reference
     loss_16, grads_16 = _loss_and_grads(eager, eager.loss, idx, targets, torch.bfloat16)
-    loss_c, grads_c = _loss_and_grads(compiled, fn, idx, targets, torch.bfloat16)
-    torch.testing.assert_close(loss_c, loss_32, rtol=1e-2, atol=1e-2)
-    torch.testing.assert_close(loss_c, loss_16, rtol=1e-2, atol=1e-2)
-    _assert_grads_close(grads_c, grads_32, 3e-2)  # bf16 matmuls against fp32
-    _assert_grads_close(grads_c, grads_16, 3e-2)
+    loss_p, grads_p = _loss_and_grads(plain, compile_model(plain), idx, targets, torch.bfloat16)
+    loss_c, grads_c = _loss_and_grads(fused_model, compile_model(fused_model), idx, targets, torch.bfloat16)
+    for loss in (loss_32, loss_16, loss_p):
+        torch.testing.assert_close(loss_c, loss, rtol=1e-2, atol=1e-2)
+    _assert_grads_close(grads_c, grads_32, 3e-2, baseline=grads_p)  # bf16 matmuls against fp32
+    _assert_grads_close(grads_c, grads_16, 3e-2, baseline=grads_p)
+    _assert_grads_close(grads_c, grads_p, 3e-2)
 
 
 @pytest.mark.gpu
