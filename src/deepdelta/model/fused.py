@@ -132,6 +132,10 @@ if triton is not None:
         new, e = _apply(x, kh, v, beta, ERASE)
         return x, kh, inv, v, beta, new, e
 
+    # few warps per row keep more rows in flight; which count is best depends on d·dv
+    _WARPS = [triton.Config({}, num_warps=w) for w in (1, 2, 4, 8, 16)]
+
+    @triton.autotune(configs=_WARPS, key=["D", "DV"])
     @triton.jit
     def _forward_kernel(
         x_ptr, k_ptr, v_ptr, b_ptr, mix_ptr, out_ptr, xc_ptr, D, DV, eps2,
@@ -148,6 +152,7 @@ if triton is not None:
             mix = tl.load(mix_ptr + tile, mask=mask, other=0.0)
             tl.store(xc_ptr + row * D + offs_d, tl.sum(new * mix, axis=1), mask=offs_d < D)
 
+    @triton.autotune(configs=_WARPS, key=["D", "DV"])
     @triton.jit
     def _backward_kernel(
         x_ptr, k_ptr, v_ptr, b_ptr, mix_ptr, gnew_ptr, gxc_ptr,
@@ -191,9 +196,8 @@ if triton is not None:
         tl.store(gx_ptr + row * D * DV + tile, G, mask=mask)
 
 
-def _blocks(D: int, DV: int) -> tuple[int, int, int]:
-    BD, BV = triton.next_power_of_2(D), max(2, triton.next_power_of_2(DV))
-    return BD, BV, 4 if BD * BV <= 2048 else 8
+def _blocks(D: int, DV: int) -> tuple[int, int]:
+    return triton.next_power_of_2(D), max(2, triton.next_power_of_2(DV))
 
 
 def _use_triton(state: Tensor) -> bool:
@@ -226,12 +230,12 @@ def _update_op(
     if not _use_triton(state):
         return _forward_formulas(state, k, v, beta, mix, k_eps, erase)
     N, D, DV = state.shape
-    BD, BV, warps = _blocks(D, DV)
+    BD, BV = _blocks(D, DV)
     new = torch.empty_like(state)
     xc = state.new_empty((N, D) if mix is not None else (0,))
     torch.library.wrap_triton(_forward_kernel)[(N,)](
         state, k, v, beta, mix if mix is not None else state, new, xc, D, DV, k_eps**2,
-        BD=BD, BV=BV, ERASE=erase, MIX=mix is not None, num_warps=warps,
+        BD=BD, BV=BV, ERASE=erase, MIX=mix is not None,
     )  # fmt: skip
     return new, xc
 
@@ -262,7 +266,7 @@ def _backward_op(
         gx = gx.clone() if gx is grad_new else gx  # an op's output may not alias its input
         return gx, gk, gv, gb, gmix if gmix is not None else ref.new_empty(0)
     N, D, DV = ref.shape
-    BD, BV, warps = _blocks(D, DV)
+    BD, BV = _blocks(D, DV)
     gx = torch.empty_like(ref)
     gk = torch.empty_like(k)
     gv = torch.empty_like(v)
@@ -273,7 +277,7 @@ def _backward_op(
         grad_xc.contiguous() if grad_xc is not None else k,
         ref, prev_k if chain else k, prev_v if chain else v, prev_beta if chain else beta,
         gx, gk, gv, gb, e, D, DV, k_eps**2,
-        BD=BD, BV=BV, ERASE=erase, MIX=mix is not None, CHAIN=chain, num_warps=warps,
+        BD=BD, BV=BV, ERASE=erase, MIX=mix is not None, CHAIN=chain,
     )  # fmt: skip
     if mix is None:
         return gx, gk, gv, gb, e
