@@ -52,7 +52,7 @@ PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("
 def variant_overrides(name: str) -> dict:
     """ModelConfig overrides for a variant: from VARIANTS, else parsed from the name
     (``{additive|ddl|write_only}[-{cc|tc}][-{ec|rep}][-dvN][-{plain|fused}]``, e.g.
-    ``ddl-tc-ec-dv8``; the last part sets ``kernel``, default auto: fused on CUDA)."""
+    ``ddl-tc-ec-dv8``; the last part sets the update's ``kernel``, default plain)."""
     if name in VARIANTS:
         return dict(VARIANTS[name])
     m = _NAME.match(name)
@@ -109,6 +109,9 @@ def bench_variant(
     regional: bool = True,
 ) -> dict:
     """Build, compile, warm up and time one variant; returns one table row."""
+    # each variant starts from empty compile caches: the compiled Block code would otherwise
+    # collect one cache entry per variant (guard checks grow, and fullgraph fails after 8)
+    torch._dynamo.reset()
     torch.manual_seed(0)
     block_size = max(seq, ModelConfig.preset(preset).block_size)
     cfg = ModelConfig.preset(preset, **variant_overrides(name), block_size=block_size)

@@ -142,5 +142,5 @@ def test_a_fused_block_keeps_one_state_for_the_backward(tiny, noisy):
 
 
 def test_kernel_choice_is_validated():
-    with pytest.raises(ValueError, match=r"kernel: got 'triton', allowed: auto \| fused \| plain"):
+    with pytest.raises(ValueError, match=r"kernel: got 'triton', allowed: plain \| fused"):
         ModelConfig(kernel="triton")

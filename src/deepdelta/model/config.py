@@ -13,7 +13,7 @@ COMPRESSOR_ALIASES = {"ec": "tc"}  # "EC along tokens", an earlier revision's na
 EXPANDS = ("conv", "repeat")
 VALUE_SOURCES = ("context", "state")
 VALUE_SQUASHES = ("none", "sigmoid")
-KERNELS = ("auto", "fused", "plain")
+KERNELS = ("plain", "fused")
 
 # The paper's sizes (spec "Backbone") and a CPU-sized default.
 PRESETS: dict[str, dict[str, int]] = {
@@ -43,9 +43,10 @@ class ModelConfig:
     value_squash: str = "none"
     value_scale: float = 4.0
     k_eps: float = 1e-5
-    # how the update runs (same function): `fused` one Triton kernel per update on CUDA
-    # (model/fused.py), `plain` the ops of model/ops.py, `auto` fused where Triton can run
-    kernel: str = "auto"
+    # how the update runs (the same function): `plain` the ops of model/ops.py, which
+    # torch.compile fuses with their neighbours (measured as fast, with less memory:
+    # docs/benchmarks.md); `fused` one hand-written Triton kernel per update (model/fused.py)
+    kernel: str = "plain"
     # backbone
     n_layer: int = 4
     n_head: int = 4

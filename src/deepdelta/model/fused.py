@@ -15,6 +15,10 @@ updates keep one state, as the compiled plain ops do.
 
 The Triton kernels run for fp32 states on CUDA; elsewhere (CPU, fp64) the op runs the
 same formulas in torch, so the hand-written backward is tested on the CPU too.
+
+It is opt-in (``model.kernel=fused``): on the H100 the plain ops, compiled, train as fast
+(dv=1, cc) or within a few percent (tc), with less memory; docs/benchmarks.md has the
+measurements and the per-kernel times.
 """
 
 from __future__ import annotations
@@ -40,11 +44,6 @@ class Edit(NamedTuple):
     k: Tensor
     v: Tensor
     beta: Tensor
-
-
-def available() -> bool:
-    """Whether the Triton kernels can run here (a CUDA device and triton installed)."""
-    return triton is not None and torch.cuda.is_available()
 
 
 # -- the formulas, in torch (CPU / fp64 path, and the statement of the kernels' math) --------
@@ -161,8 +160,8 @@ if triton is not None:
         D, DV, eps2,
         BD: tl.constexpr, BV: tl.constexpr, ERASE: tl.constexpr, MIX: tl.constexpr, CHAIN: tl.constexpr,
     ):  # fmt: skip
-        # one row per program, like the forward: a loop over rows (to sum ∂mix in the
-        # kernel) measured 3x slower than the bandwidth allows; ∂mix is summed outside
+        # one row per program, like the forward: a loop over 16 rows per program (to sum
+        # ∂mix in the kernel) took 1.3x as long in all on the H100; ∂mix is summed outside
         row = tl.program_id(0).to(tl.int64)
         offs_d = tl.arange(0, BD)
         offs_j = tl.arange(0, BV)

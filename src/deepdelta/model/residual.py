@@ -105,7 +105,7 @@ class ResidualRule(nn.Module):
         if self.record:
             self._record(state, k, v, beta)
         erase = self.kind == "ddl"
-        if not self.fused(state):
+        if cfg.kernel == "plain":
             update = ops.delta_update if erase else ops.write_only_update
             new = update(state, k, v, beta, cfg.k_eps)
             return new, compress(new) if compress is not None else None, None
@@ -114,11 +114,6 @@ class ResidualRule(nn.Module):
         if compress is not None and mix is None:
             x_next = compress(new)
         return new, x_next, fused.Edit(state, k, v, beta)
-
-    def fused(self, state: Tensor) -> bool:
-        """Whether this update runs the fused kernel (``kernel``: fused, or auto on CUDA with Triton)."""
-        kernel = self.cfg.kernel
-        return kernel == "fused" or (kernel == "auto" and state.is_cuda and fused.triton is not None)
 
     @torch.no_grad()
     def _record(self, state: Tensor, k: Tensor, v: Tensor, beta: Tensor) -> None:
