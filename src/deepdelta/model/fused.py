@@ -23,6 +23,7 @@ measurements and the per-kernel times.
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import torch
@@ -102,97 +103,117 @@ def _backward_formulas(
 # -- Triton kernels -----------------------------------------------------------------------
 
 if triton is not None:
+    # R rows per program share the block-wide reductions over d (a row is only d·dv
+    # numbers); R and the warps are tuned per (d, dv). The interpreter
+    # (TRITON_INTERPRET=1, CPU) cannot benchmark, so it gets one configuration.
+    _SHAPES = ((1, 4), (1, 8), (2, 4), (2, 8), (4, 8), (4, 16))  # (R, warps)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        _SHAPES = ((2, 4),)
+    _CONFIGS = [triton.Config({"R": r}, num_warps=w) for r, w in _SHAPES]
 
     @triton.jit
-    def _load_key(k_ptr, row, offs_d, mask_d, D, eps2):
-        k = tl.load(k_ptr + row * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-        inv = 1.0 / tl.sqrt((tl.sum(k * k, axis=0) + eps2).to(tl.float32))  # eps2 may arrive as fp64
-        return k * inv, inv
+    def _load_edit(k_ptr, v_ptr, b_ptr, rows, N, D, DV, eps2, BD: tl.constexpr, BV: tl.constexpr):
+        """R rows' edit: k̂ (R, BD), 1/sqrt(‖k‖² + ε²) (R,), v (R, BV), β (R,)."""
+        offs_d = tl.arange(0, BD)
+        offs_j = tl.arange(0, BV)
+        mask_r = rows < N
+        mask_k = mask_r[:, None] & (offs_d < D)[None, :]
+        k = tl.load(k_ptr + rows[:, None] * D + offs_d[None, :], mask=mask_k, other=0.0).to(tl.float32)
+        inv = 1.0 / tl.sqrt((tl.sum(k * k, axis=1) + eps2).to(tl.float32))  # eps2 may arrive as fp64
+        mask_v = mask_r[:, None] & (offs_j < DV)[None, :]
+        v = tl.load(v_ptr + rows[:, None] * DV + offs_j[None, :], mask=mask_v, other=0.0)
+        beta = tl.load(b_ptr + rows, mask=mask_r, other=0.0)
+        return k * inv[:, None], inv, v, beta
+
+    @triton.jit
+    def _load_state(x_ptr, rows, N, D, DV, BD: tl.constexpr, BV: tl.constexpr):
+        return tl.load(x_ptr + _tile(rows, D, DV, BD, BV), mask=_mask(rows, N, D, DV, BD, BV), other=0.0)
+
+    @triton.jit
+    def _tile(rows, D, DV, BD: tl.constexpr, BV: tl.constexpr):
+        offs_d = tl.arange(0, BD)
+        offs_j = tl.arange(0, BV)
+        return rows[:, None, None] * D * DV + offs_d[None, :, None] * DV + offs_j[None, None, :]
+
+    @triton.jit
+    def _mask(rows, N, D, DV, BD: tl.constexpr, BV: tl.constexpr):
+        offs_d = tl.arange(0, BD)
+        offs_j = tl.arange(0, BV)
+        return (rows < N)[:, None, None] & (offs_d < D)[None, :, None] & (offs_j < DV)[None, None, :]
 
     @triton.jit
     def _apply(x, kh, v, beta, ERASE: tl.constexpr):
-        # X' = X + β k̂ eᵀ with e = v − k̂ᵀX (or e = v without erase)
+        # X' = X + β k̂ eᵀ with e = v − k̂ᵀX (or e = v without erase), for R rows at once
         if ERASE:
-            e = v - tl.sum(kh[:, None] * x, axis=0)
+            e = v - tl.sum(kh[:, :, None] * x, axis=1)
         else:
             e = v
-        return x + (beta * kh)[:, None] * e[None, :], e
+        return x + (beta[:, None] * kh)[:, :, None] * e[:, None, :], e
 
-    @triton.jit
-    def _row(x_ptr, k_ptr, v_ptr, b_ptr, row, offs_d, offs_j, D, DV, eps2, ERASE: tl.constexpr):
-        """Load one row's state and edit, apply the edit: (X, k̂, 1/‖k‖, v, β, X', e)."""
-        mask_d = offs_d < D
-        mask_j = offs_j < DV
-        kh, inv = _load_key(k_ptr, row, offs_d, mask_d, D, eps2)
-        v = tl.load(v_ptr + row * DV + offs_j, mask=mask_j, other=0.0)
-        beta = tl.load(b_ptr + row)
-        tile = offs_d[:, None] * DV + offs_j[None, :]
-        x = tl.load(x_ptr + row * D * DV + tile, mask=mask_d[:, None] & mask_j[None, :], other=0.0)
-        new, e = _apply(x, kh, v, beta, ERASE)
-        return x, kh, inv, v, beta, new, e
-
-    # few warps per row keep more rows in flight; which count is best depends on d·dv
-    _WARPS = [triton.Config({}, num_warps=w) for w in (1, 2, 4, 8, 16)]
-
-    @triton.autotune(configs=_WARPS, key=["D", "DV"])
+    @triton.autotune(configs=_CONFIGS, key=["D", "DV"])
     @triton.jit
     def _forward_kernel(
-        x_ptr, k_ptr, v_ptr, b_ptr, mix_ptr, out_ptr, xc_ptr, D, DV, eps2,
-        BD: tl.constexpr, BV: tl.constexpr, ERASE: tl.constexpr, MIX: tl.constexpr,
+        x_ptr, k_ptr, v_ptr, b_ptr, mix_ptr, out_ptr, xc_ptr, N, D, DV, eps2,
+        R: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, ERASE: tl.constexpr, MIX: tl.constexpr,
     ):  # fmt: skip
-        row = tl.program_id(0).to(tl.int64)
-        offs_d = tl.arange(0, BD)
-        offs_j = tl.arange(0, BV)
-        mask = (offs_d < D)[:, None] & (offs_j < DV)[None, :]
-        tile = offs_d[:, None] * DV + offs_j[None, :]
-        _, _, _, _, _, new, _ = _row(x_ptr, k_ptr, v_ptr, b_ptr, row, offs_d, offs_j, D, DV, eps2, ERASE)
-        tl.store(out_ptr + row * D * DV + tile, new, mask=mask)
+        rows = tl.program_id(0).to(tl.int64) * R + tl.arange(0, R)
+        kh, _, v, beta = _load_edit(k_ptr, v_ptr, b_ptr, rows, N, D, DV, eps2, BD, BV)
+        new, _ = _apply(_load_state(x_ptr, rows, N, D, DV, BD, BV), kh, v, beta, ERASE)
+        tl.store(out_ptr + _tile(rows, D, DV, BD, BV), new, mask=_mask(rows, N, D, DV, BD, BV))
         if MIX:
-            mix = tl.load(mix_ptr + tile, mask=mask, other=0.0)
-            tl.store(xc_ptr + row * D + offs_d, tl.sum(new * mix, axis=1), mask=offs_d < D)
+            offs_d = tl.arange(0, BD)
+            offs_j = tl.arange(0, BV)
+            mask_m = (offs_d < D)[:, None] & (offs_j < DV)[None, :]
+            mix = tl.load(mix_ptr + offs_d[:, None] * DV + offs_j[None, :], mask=mask_m, other=0.0)
+            mask_c = (rows < N)[:, None] & (offs_d < D)[None, :]
+            xc = tl.sum(new * mix[None, :, :], axis=2)
+            tl.store(xc_ptr + rows[:, None] * D + offs_d[None, :], xc, mask=mask_c)
 
-    @triton.autotune(configs=_WARPS, key=["D", "DV"])
+    @triton.autotune(configs=_CONFIGS, key=["D", "DV"])
     @triton.jit
     def _backward_kernel(
         x_ptr, k_ptr, v_ptr, b_ptr, mix_ptr, gnew_ptr, gxc_ptr,
         px_ptr, pk_ptr, pv_ptr, pb_ptr,
         gx_ptr, gk_ptr, gv_ptr, gb_ptr, e_ptr,
-        D, DV, eps2,
-        BD: tl.constexpr, BV: tl.constexpr, ERASE: tl.constexpr, MIX: tl.constexpr, CHAIN: tl.constexpr,
+        N, D, DV, eps2,
+        R: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
+        ERASE: tl.constexpr, MIX: tl.constexpr, CHAIN: tl.constexpr,
     ):  # fmt: skip
-        # one row per program, like the forward: a loop over 16 rows per program (to sum
-        # ∂mix in the kernel) took 1.3x as long in all on the H100; ∂mix is summed outside
-        row = tl.program_id(0).to(tl.int64)
+        # a loop over 16 rows per program (to sum ∂mix in the kernel) took 1.3x as long in
+        # all on the H100; ∂mix is summed outside
+        rows = tl.program_id(0).to(tl.int64) * R + tl.arange(0, R)
         offs_d = tl.arange(0, BD)
         offs_j = tl.arange(0, BV)
-        mask_d = offs_d < D
-        mask_j = offs_j < DV
-        mask = mask_d[:, None] & mask_j[None, :]
-        tile = offs_d[:, None] * DV + offs_j[None, :]
+        mask_r = rows < N
+        mask_k = mask_r[:, None] & (offs_d < D)[None, :]
+        mask_v = mask_r[:, None] & (offs_j < DV)[None, :]
+        tile = _tile(rows, D, DV, BD, BV)
+        mask = _mask(rows, N, D, DV, BD, BV)
         if CHAIN:  # recompute this op's input state from the previous edit
-            _, _, _, _, _, x, _ = _row(px_ptr, pk_ptr, pv_ptr, pb_ptr, row, offs_d, offs_j, D, DV, eps2, ERASE)
-            kh, inv = _load_key(k_ptr, row, offs_d, mask_d, D, eps2)
-            v = tl.load(v_ptr + row * DV + offs_j, mask=mask_j, other=0.0)
-            beta = tl.load(b_ptr + row)
-            _, e = _apply(x, kh, v, beta, ERASE)
+            kh0, _, v0, beta0 = _load_edit(pk_ptr, pv_ptr, pb_ptr, rows, N, D, DV, eps2, BD, BV)
+            x, _ = _apply(_load_state(px_ptr, rows, N, D, DV, BD, BV), kh0, v0, beta0, ERASE)
         else:
-            x, kh, inv, v, beta, _, e = _row(x_ptr, k_ptr, v_ptr, b_ptr, row, offs_d, offs_j, D, DV, eps2, ERASE)
-        G = tl.load(gnew_ptr + row * D * DV + tile, mask=mask, other=0.0)
+            x = _load_state(x_ptr, rows, N, D, DV, BD, BV)
+        kh, inv, v, beta = _load_edit(k_ptr, v_ptr, b_ptr, rows, N, D, DV, eps2, BD, BV)
+        _, e = _apply(x, kh, v, beta, ERASE)
+        G = tl.load(gnew_ptr + tile, mask=mask, other=0.0)
         if MIX:
-            gxc = tl.load(gxc_ptr + row * D + offs_d, mask=mask_d, other=0.0)
-            G += gxc[:, None] * tl.load(mix_ptr + tile, mask=mask, other=0.0)
-            tl.store(e_ptr + row * DV + offs_j, e, mask=mask_j)
-        g = tl.sum(kh[:, None] * G, axis=0)
-        tl.store(gv_ptr + row * DV + offs_j, beta * g, mask=mask_j)
-        tl.store(gb_ptr + row, tl.sum(g * e, axis=0))
-        grad_kh = tl.sum(G * e[None, :], axis=1)
+            gxc = tl.load(gxc_ptr + rows[:, None] * D + offs_d[None, :], mask=mask_k, other=0.0)
+            mask_m = (offs_d < D)[:, None] & (offs_j < DV)[None, :]
+            mix = tl.load(mix_ptr + offs_d[:, None] * DV + offs_j[None, :], mask=mask_m, other=0.0)
+            G += gxc[:, :, None] * mix[None, :, :]
+            tl.store(e_ptr + rows[:, None] * DV + offs_j[None, :], e, mask=mask_v)
+        g = tl.sum(kh[:, :, None] * G, axis=1)
+        tl.store(gv_ptr + rows[:, None] * DV + offs_j[None, :], beta[:, None] * g, mask=mask_v)
+        tl.store(gb_ptr + rows, tl.sum(g * e, axis=1), mask=mask_r)
+        grad_kh = tl.sum(G * e[:, None, :], axis=2)
         if ERASE:
-            grad_kh -= tl.sum(x * g[None, :], axis=1)
-            G -= (beta * kh)[:, None] * g[None, :]
-        grad_kh = beta * grad_kh
-        grad_k = (grad_kh - kh * tl.sum(kh * grad_kh, axis=0)) * inv
-        tl.store(gk_ptr + row * D + offs_d, grad_k.to(gk_ptr.dtype.element_ty), mask=mask_d)
-        tl.store(gx_ptr + row * D * DV + tile, G, mask=mask)
+            grad_kh -= tl.sum(x * g[:, None, :], axis=2)
+            G -= (beta[:, None] * kh)[:, :, None] * g[:, None, :]
+        grad_kh = beta[:, None] * grad_kh
+        grad_k = (grad_kh - kh * tl.sum(kh * grad_kh, axis=1)[:, None]) * inv[:, None]
+        tl.store(gk_ptr + rows[:, None] * D + offs_d[None, :], grad_k.to(gk_ptr.dtype.element_ty), mask=mask_k)
+        tl.store(gx_ptr + tile, G, mask=mask)
 
 
 def _blocks(D: int, DV: int) -> tuple[int, int]:
@@ -232,8 +253,8 @@ def _update_op(
     BD, BV = _blocks(D, DV)
     new = torch.empty_like(state)
     xc = state.new_empty((N, D) if mix is not None else (0,))
-    torch.library.wrap_triton(_forward_kernel)[(N,)](
-        state, k, v, beta, mix if mix is not None else state, new, xc, D, DV, k_eps**2,
+    torch.library.wrap_triton(_forward_kernel)[lambda meta: (triton.cdiv(N, meta["R"]),)](
+        state, k, v, beta, mix if mix is not None else state, new, xc, N, D, DV, k_eps**2,
         BD=BD, BV=BV, ERASE=erase, MIX=mix is not None,
     )  # fmt: skip
     return new, xc
@@ -271,11 +292,11 @@ def _backward_op(
     gv = torch.empty_like(v)
     gb = torch.empty_like(beta)
     e = ref.new_empty((N, DV) if mix is not None else (0,))
-    torch.library.wrap_triton(_backward_kernel)[(N,)](
+    torch.library.wrap_triton(_backward_kernel)[lambda meta: (triton.cdiv(N, meta["R"]),)](
         ref, k, v, beta, mix if mix is not None else ref, grad_new.contiguous(),
         grad_xc.contiguous() if grad_xc is not None else k,
         ref, prev_k if chain else k, prev_v if chain else v, prev_beta if chain else beta,
-        gx, gk, gv, gb, e, D, DV, k_eps**2,
+        gx, gk, gv, gb, e, N, D, DV, k_eps**2,
         BD=BD, BV=BV, ERASE=erase, MIX=mix is not None, CHAIN=chain,
     )  # fmt: skip
     if mix is None:
