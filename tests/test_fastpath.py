@@ -158,7 +158,7 @@ def test_triton_update_matches_ops_gpu(dv, erase, chain):
     """The Triton kernels, forward and backward, against autograd through the plain ops in
     fp64: an odd width (masked tiles), a row count that is not a multiple of the backward's
     rows per program, a bf16 key as under autocast, with and without the cc compression."""
-    n, d = 1000, 200
+    n, d = 1001, 200
     rule = ops.delta_update if erase else ops.write_only_update
 
     def r(*shape, dtype=torch.float32):
