@@ -80,6 +80,18 @@ def test_failing_sweep_member_is_recorded_and_others_finish(cli, tmp_path):
     assert "n_head" in table["error"][0]
 
 
+def test_fused_kernel_trains_like_the_plain_ops(cli, tmp_path):
+    """``model.kernel=fused`` through Hydra and Lightning (on the CPU: the op's torch
+    formulas and hand-written backward) gives the plain ops' losses."""
+    cli(*FAST, "dv=2", "model.kernel=fused", "residual=ddl,write_only", multirun=True)
+    fused = pd.read_csv(tmp_path / "sweep" / "summary.csv")
+    (tmp_path / "sweep").rename(tmp_path / "fused")
+    cli(*FAST, "dv=2", "model.kernel=plain", "residual=ddl,write_only", multirun=True)
+    plain = pd.read_csv(tmp_path / "sweep" / "summary.csv")
+    assert list(fused["status"]) == ["finished", "finished"]
+    assert fused["val_loss"].tolist() == pytest.approx(plain["val_loss"].tolist(), rel=1e-4)
+
+
 def test_paper_small_experiment_builds_124m_model(cli):
     out = cli("experiment=paper_small", "dry_run=true").stdout
     assert "123.6" in out or "123.7" in out, out  # ~124M parameters, as in the paper
@@ -130,3 +142,18 @@ def test_every_group_option_composes_to_a_valid_model(group, option):
     ModelConfig(**OmegaConf.to_container(cfg.model, resolve=True))
     assert cfg.data._target_ == "deepdelta.data.TokenDataModule"
     assert cfg.trainer._target_ == "lightning.pytorch.Trainer"
+
+
+def test_every_model_field_can_be_overridden_with_its_default():
+    """`model.<field>=...` works for every ModelConfig field (no `+`), and the config's
+    values are ModelConfig's defaults, so the YAML cannot drift from the code."""
+    import dataclasses
+
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        model = OmegaConf.to_container(compose("train").model, resolve=True)
+    fields = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+    assert set(model) == set(fields)
+    preset = {"dv", "n_layer", "n_head", "head_dim", "d_model", "vocab_size", "block_size"}  # conf/model, dv
+    assert {k: v for k, v in model.items() if k not in preset} == {k: v for k, v in fields.items() if k not in preset}
