@@ -74,19 +74,14 @@ class Block(nn.Module):
         self.mlp = SwiGLU(cfg)
         self.rule_mlp = ResidualRule(cfg)
 
-    def forward(
-        self, state: Tensor, x_in: Tensor, cos: Tensor, sin: Tensor, next_compress: Compress
-    ) -> tuple[Tensor, Tensor]:
-        """``state`` and its compression ``x_in = self.compress(state)`` → the new state and
-        ``next_compress`` of it (the next block's input, or the readout): each compression
-        is computed where the state it reads is written, so the compiled block (or the
-        fused update) does not read the state again for it, forward or backward."""
+    def forward(self, state: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        x_in = self.compress(state)
         c = self.norm_attn(x_in)
-        # the MLP update may recompute the mid-block state from the attention update's edit
+        # the attention update also returns the MLP's input (fused with the write for `cc`),
+        # and the MLP update may recompute the mid-block state from it in the backward
         state, x_in, edit = self.rule_attn.step(state, x_in, c, self.attn(c, cos, sin), compress=self.compress)
         c = self.norm_mlp(x_in)
-        state, x_next, _ = self.rule_mlp.step(state, x_in, c, self.mlp(c), compress=next_compress, prev=edit)
-        return state, x_next
+        return self.rule_mlp.step(state, x_in, c, self.mlp(c), prev=edit)[0]
 
 
 class DeltaTransformer(nn.Module):
@@ -121,27 +116,20 @@ class DeltaTransformer(nn.Module):
                 nn.init.zeros_(module.out.weight)
                 nn.init.constant_(module.out.bias, module.bias_init)
 
-    def stem(self, idx: Tensor) -> tuple[Tensor, Tensor]:
-        """The expanded embedding X₀ (B, T, d, dv) and the first block's compression of it."""
+    def final_state(self, idx: Tensor) -> Tensor:
+        """The residual state X (B, T, d, dv) after the last block."""
         T = idx.shape[1]
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size={self.config.block_size}")
-        state = self.expand(self.embed(idx))
-        return state, self.blocks[0].compress(state)
-
-    def trunk(self, idx: Tensor) -> tuple[Tensor, Tensor]:
-        """The residual state X (B, T, d, dv) after the last block, and its readout (B, T, d)."""
-        T = idx.shape[1]
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
-        state, x_in = self.stem(idx)
-        nexts = [block.compress for block in self.blocks[1:]] + [self.readout]
-        for block, next_compress in zip(self.blocks, nexts, strict=True):
-            state, x_in = block(state, x_in, cos, sin, next_compress)
-        return state, x_in
+        state = self.expand(self.embed(idx))
+        for block in self.blocks:
+            state = block(state, cos, sin)
+        return state
 
     def hidden(self, idx: Tensor) -> Tensor:
         """Final normalised hidden states (B, T, d), the input of the tied LM head."""
-        return self.norm_out(self.trunk(idx)[1])
+        return self.norm_out(self.readout(self.final_state(idx)))
 
     def forward(self, idx: Tensor) -> Tensor:
         """Logits (B, T, vocab)."""
