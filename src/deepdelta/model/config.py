@@ -44,8 +44,9 @@ class ModelConfig:
     value_scale: float = 4.0
     k_eps: float = 1e-5
     # how the update runs (the same function): `plain` the ops of model/ops.py, which
-    # torch.compile fuses with their neighbours (measured as fast, with less memory:
-    # docs/benchmarks.md); `fused` one hand-written Triton kernel per update (model/fused.py)
+    # torch.compile fuses with their neighbours; `fused` one hand-written Triton kernel per
+    # update (model/fused.py): 1-5% faster at dv > 1 on an H100, slower at dv = 1, more memory
+    # (docs/benchmarks.md)
     kernel: str = "plain"
     # backbone
     n_layer: int = 4

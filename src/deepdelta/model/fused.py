@@ -16,9 +16,9 @@ updates keep one state, as the compiled plain ops do.
 The Triton kernels run for fp32 states on CUDA; elsewhere (CPU, fp64) the op runs the
 same formulas in torch, so the hand-written backward is tested on the CPU too.
 
-It is opt-in (``model.kernel=fused``): on the H100 the plain ops, compiled, train as fast
-(dv=1, cc) or within a few percent (tc), with less memory; docs/benchmarks.md has the
-measurements and the per-kernel times.
+It is opt-in (``model.kernel=fused``). On an H100 it trained dv=2 and dv=4 models 1-5%
+faster than the compiled plain ops, dv=1 models slower, and it always needed more memory.
+docs/benchmarks.md has the measurements and the per-kernel times.
 """
 
 from __future__ import annotations
