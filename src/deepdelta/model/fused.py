@@ -347,17 +347,12 @@ def update(
     lead, (d, dv) = state.shape[:-2], state.shape[-2:]
     dtype = state.dtype
 
-    def rows(x: Tensor | None, *tail: int) -> Tensor | None:
-        return None if x is None else x.reshape(-1, *tail).contiguous()
+    def flat(edit: Edit) -> list[Tensor]:  # contiguous rows, v and β in the state's dtype
+        x, k, v, beta = edit
+        rows = [x.reshape(-1, d, dv), k.reshape(-1, d), v.to(dtype).reshape(-1, dv), beta.to(dtype).reshape(-1)]
+        return [t.contiguous() for t in rows]
 
-    def cast(x: Tensor) -> Tensor:
-        return x.to(dtype) if x.dtype != dtype else x
-
-    p = prev or Edit(None, None, None, None)
-    new, xc = _update_op(
-        rows(state, d, dv), rows(k, d), rows(cast(v), dv), rows(cast(beta)),
-        None if mix is None else cast(mix).contiguous(),
-        rows(p.state, d, dv), rows(p.k, d), rows(None if prev is None else cast(p.v), dv),
-        rows(None if prev is None else cast(p.beta)), k_eps, erase,
-    )  # fmt: skip
+    before = flat(prev) if prev is not None else [None] * 4
+    mix = mix.to(dtype).contiguous() if mix is not None else None
+    new, xc = _update_op(*flat(Edit(state, k, v, beta)), mix, *before, k_eps, erase)
     return new.view(*lead, d, dv), (xc.view(*lead, d) if mix is not None else None)

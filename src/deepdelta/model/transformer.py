@@ -78,7 +78,7 @@ class Block(nn.Module):
         x_in = self.compress(state)
         c = self.norm_attn(x_in)
         # the attention update also returns the MLP's input (fused with the write for `cc`),
-        # and the MLP update may recompute the mid-block state from it in the backward
+        # and the MLP update may recompute the mid-block state from its edit in the backward
         state, x_in, edit = self.rule_attn.step(state, x_in, c, self.attn(c, cos, sin), compress=self.compress)
         c = self.norm_mlp(x_in)
         return self.rule_mlp.step(state, x_in, c, self.mlp(c), prev=edit)[0]
