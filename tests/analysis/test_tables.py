@@ -130,3 +130,16 @@ def test_newest_finds_outputs_from_a_subdirectory(tmp_path):
     assert newest("runs", tmp_path / "notebooks").name == "2026-11-22_09-00-00"
     with pytest.raises(FileNotFoundError):
         newest("sweeps", tmp_path / "notebooks")
+
+
+def test_a_model_field_added_later_counts_as_its_default(tmp_path):
+    """Runs saved before a model field existed group with runs that spell out its default."""
+    make_run(tmp_path / "old", "ddl", 1, 0)
+    make_run(tmp_path / "new", "ddl", 1, 1)
+    cfg = OmegaConf.load(tmp_path / "new" / ".hydra" / "config.yaml")
+    cfg.model.kernel = "plain"
+    OmegaConf.save(cfg, tmp_path / "new" / ".hydra" / "config.yaml")
+    assert len(group_runs(find_runs(tmp_path))) == 1
+    cfg.model.kernel = "fused"
+    OmegaConf.save(cfg, tmp_path / "new" / ".hydra" / "config.yaml")
+    assert len(group_runs(find_runs(tmp_path))) == 2

@@ -74,7 +74,7 @@ def test_rule_matches_spec(tiny, noisy, residual, variant, beta_hidden, dv):
     rule = noisy(ResidualRule(cfg).double(), std=0.3)
     state, x_in, c, h = rule_inputs(dv)
     rule.record = True
-    out = rule(state, x_in, c, h)
+    out = rule(state, x_in, c, h)[0]
     k, v, beta, kh, e_pre, new = expected_update(rule, cfg, state, x_in, c, h)
     with torch.no_grad():
         assert_close(out, new, atol=1e-12, rtol=1e-12)
@@ -97,7 +97,7 @@ def test_value_source_and_squash_change_v(tiny, noisy):
             cfg = tiny(dv=2, value_source=source, value_squash=squash)
             torch.manual_seed(0)
             rule = noisy(ResidualRule(cfg).double(), std=0.3)
-            outs[source, squash] = rule(state, x_in, c, h)
+            outs[source, squash] = rule(state, x_in, c, h)[0]
     keys = list(outs)
     for i, a in enumerate(keys):
         for b in keys[i + 1 :]:
@@ -109,7 +109,7 @@ def test_additive_adds_h_to_every_channel(tiny):
     assert list(rule.parameters()) == []
     state, x_in, c, h = rule_inputs(3)
     rule.record = True
-    assert torch.equal(rule(state, x_in, c, h), state + h[..., None])
+    assert torch.equal(rule(state, x_in, c, h)[0], state + h[..., None])
     assert rule.last == {}
 
 

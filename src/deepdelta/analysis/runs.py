@@ -8,6 +8,7 @@ in ``seed`` form one group; a group's label is the overrides that set it apart.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -21,6 +22,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from deepdelta.analysis.mechanism import read_probes
+from deepdelta.model.config import ModelConfig
 
 # Config keys that do not change what is trained (where outputs go, how it is logged).
 IGNORED_PREFIXES = ("seed", "data.seed", "paths.", "logger.", "callbacks.", "hydra.", "tags", "project", "ckpt_path")
@@ -116,8 +118,14 @@ class Run:
 
     @property
     def key(self) -> tuple[tuple[str, Any], ...]:
-        """The config minus seed and bookkeeping: equal keys mean the same configuration."""
-        flat = _flatten(self.config)
+        """The config minus seed and bookkeeping: equal keys mean the same configuration.
+        Model fields a run's saved config lacks (added to the config after it ran) count as
+        their ModelConfig defaults, the values the run had."""
+        config = dict(self.config)
+        if "model" in config:
+            defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+            config["model"] = {**defaults, **config["model"]}
+        flat = _flatten(config)
         kept = {k: v for k, v in flat.items() if k not in IGNORED_KEYS and not k.startswith(IGNORED_PREFIXES)}
         return tuple(sorted((k, repr(v)) for k, v in kept.items()))
 

@@ -72,12 +72,7 @@ class ResidualRule(nn.Module):
         self.value = nn.Linear(d, cfg.dv, bias=True)
         self.gate = Gate(cfg)
 
-    def forward(self, state: Tensor, x_in: Tensor, c: Tensor, h: Tensor) -> Tensor:
-        """``state`` (B,T,d,dv), compressed input ``x_in`` and context ``c`` = norm(x_in),
-        sublayer output ``h`` = F(c), all (B,T,d). Returns the new state."""
-        return self.step(state, x_in, c, h)[0]
-
-    def step(
+    def forward(
         self,
         state: Tensor,
         x_in: Tensor,
@@ -86,9 +81,11 @@ class ResidualRule(nn.Module):
         compress: Compress | None = None,
         prev: fused.Edit | None = None,
     ) -> tuple[Tensor, Tensor | None, fused.Edit | None]:
-        """The new state; ``compress`` of it (the next sublayer's x_in) when given; and the
-        edit, for a following ``step(prev=...)``. ``prev``, the edit that made ``state``,
-        lets the fused kernel recompute ``state`` in the backward instead of keeping it."""
+        """``state`` (B,T,d,dv), compressed input ``x_in`` and context ``c`` = norm(x_in),
+        sublayer output ``h`` = F(c), all (B,T,d). Returns the new state; ``compress`` of it
+        (the next sublayer's x_in) when given; and the edit, for a following call with
+        ``prev=``. ``prev``, the edit that made ``state``, lets the fused kernel recompute
+        ``state`` in the backward instead of keeping it."""
         if self.kind == "additive":
             new = state + h[..., None]
             return new, compress(new) if compress is not None else None, None

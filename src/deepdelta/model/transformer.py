@@ -79,9 +79,9 @@ class Block(nn.Module):
         c = self.norm_attn(x_in)
         # the attention update also returns the MLP's input (fused with the write for `cc`),
         # and the MLP update may recompute the mid-block state from its edit in the backward
-        state, x_in, edit = self.rule_attn.step(state, x_in, c, self.attn(c, cos, sin), compress=self.compress)
+        state, x_in, edit = self.rule_attn(state, x_in, c, self.attn(c, cos, sin), compress=self.compress)
         c = self.norm_mlp(x_in)
-        return self.rule_mlp.step(state, x_in, c, self.mlp(c), prev=edit)[0]
+        return self.rule_mlp(state, x_in, c, self.mlp(c), prev=edit)[0]
 
 
 class DeltaTransformer(nn.Module):
