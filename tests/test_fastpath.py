@@ -145,8 +145,10 @@ def test_compiled_bf16_matches_eager_gpu(overrides):
     loss_c, grads_c = _loss_and_grads(fused_model, compile_model(fused_model), idx, targets, torch.bfloat16)
     for loss in (loss_32, loss_16, loss_p):
         torch.testing.assert_close(loss_c, loss, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(loss_p, loss_32, rtol=1e-2, atol=1e-2)
     _assert_grads_close(grads_c, grads_32, 3e-2, baseline=grads_p)  # bf16 matmuls against fp32
     _assert_grads_close(grads_c, grads_16, 3e-2, baseline=grads_p)
+    _assert_grads_close(grads_p, grads_32, 3e-2, baseline=grads_c)  # the default path too
 
 
 @pytest.mark.gpu
@@ -156,8 +158,8 @@ def test_compiled_bf16_matches_eager_gpu(overrides):
 @pytest.mark.parametrize("chain", [False, True], ids=["saved", "recomputed"])
 def test_triton_update_matches_ops_gpu(dv, erase, chain):
     """The Triton kernels, forward and backward, against autograd through the plain ops in
-    fp64: an odd width (masked tiles), a row count that is not a multiple of the backward's
-    rows per program, a bf16 key as under autocast, with and without the cc compression."""
+    fp64: an odd width (masked tiles), a row count that is not a multiple of the rows per
+    program, a bf16 key as under autocast, with and without the cc compression."""
     n, d = 1001, 200
     rule = ops.delta_update if erase else ops.write_only_update
 
