@@ -88,7 +88,7 @@ def run(cfg: DictConfig, run_dir: Path, name: str = "", multirun: bool = False) 
             return None
         in_place = ckpt_path is not None and Path(ckpt_path).is_relative_to(run_dir)  # its own checkpoint
         resume_id = wandb_run_id(run_dir) if in_place else None
-        resume_step = checkpoint_step(ckpt_path) if ckpt_path is not None and in_place else None
+        resume_step = checkpoint_step(ckpt_path) if in_place else None
         # W&B group: the sweep directory's name (a multirun, or a job of deepdelta.gpusweep)
         group = run_dir.parent.name if multirun else os.environ.get("DEEPDELTA_SWEEP_GROUP")
         loggers = build_loggers(cfg, run_dir, name, group, resume_id, resume_step)

@@ -30,11 +30,11 @@ def throughput(run_dir: Path, world: int) -> tuple[float, pd.Series]:
     """(median global tok/s over the second half of training, val loss by step)."""
     m = pd.read_csv(run_dir / "csv" / "metrics.csv")
     col = "train/items_per_sec" if world > 1 else "train/device/items_per_sec"
+    val = m[["step", "val/loss"]].dropna().set_index("step")["val/loss"]
     if col not in m:  # fewer steps than the monitor's window: no rate logged
-        return math.nan, m[["step", "val/loss"]].dropna().set_index("step")["val/loss"]
+        return math.nan, val
     tps = m[["step", col]].dropna()
     tps = tps[tps["step"] >= tps["step"].max() / 2][col]
-    val = m[["step", "val/loss"]].dropna().set_index("step")["val/loss"]
     return float(tps.median()), val
 
 
