@@ -34,6 +34,9 @@ def test_variant_names():
     )
     assert bench.variant_overrides("additive") == dict(residual="additive", dv=1)
     assert bench.variant_overrides("ddl-cc-dv4-plain") == dict(residual="ddl", compressor="cc", dv=4, kernel="plain")
+    assert bench.variant_overrides("ddl-dv1-fused-bf16") == dict(
+        residual="ddl", dv=1, kernel="fused", state_dtype="bfloat16"
+    )
     with pytest.raises(ValueError, match="allowed"):
         bench.variant_overrides("ddl-xx-dv4")
 

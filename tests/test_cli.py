@@ -92,6 +92,15 @@ def test_fused_kernel_trains_like_the_plain_ops(cli, tmp_path):
     assert fused["val_loss"].tolist() == pytest.approx(plain["val_loss"].tolist(), rel=1e-4)
 
 
+def test_bf16_state_trains_like_the_fp32_state(cli, tmp_path):
+    """``model.state_dtype=bfloat16`` through Hydra and Lightning, with both kernels: the
+    runs finish with the fp32 state's validation loss up to bf16 rounding."""
+    cli(*FAST, "dv=2", "model.kernel=plain,fused", "model.state_dtype=float32,bfloat16", multirun=True)
+    runs = pd.read_csv(tmp_path / "sweep" / "summary.csv")
+    assert list(runs["status"]) == ["finished"] * 4
+    assert runs["val_loss"].max() - runs["val_loss"].min() < 0.02 * runs["val_loss"].min()
+
+
 def test_paper_small_experiment_builds_124m_model(cli):
     out = cli("experiment=paper_small", "dry_run=true").stdout
     assert "123.6" in out or "123.7" in out, out  # ~124M parameters, as in the paper

@@ -43,7 +43,7 @@ VARIANTS: dict[str, dict] = {
     "ddl-tc-ec-dv4": dict(residual="ddl", compressor="tc", expand="conv", dv=4),
 }
 DEFAULT_VARIANTS = tuple(VARIANTS)
-_NAME = re.compile(r"^(additive|ddl|write_only)(?:-(cc|tc))?(?:-(ec|rep))?(?:-dv(\d+))?(?:-(plain|fused))?$")
+_NAME = re.compile(r"^(additive|ddl|write_only)(?:-(cc|tc))?(?:-(ec|rep))?(?:-dv(\d+))?(?:-(plain|fused))?(-bf16)?$")
 
 # Dense bf16 peak (no sparsity) by a substring of the device name; first match wins.
 PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12), ("A100", 312e12))
@@ -51,20 +51,23 @@ PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("
 
 def variant_overrides(name: str) -> dict:
     """ModelConfig overrides for a variant: from VARIANTS, else parsed from the name
-    (``{additive|ddl|write_only}[-{cc|tc}][-{ec|rep}][-dvN][-{plain|fused}]``, e.g.
-    ``ddl-tc-ec-dv8``; the last part sets the update's ``kernel``, default plain)."""
+    (``{additive|ddl|write_only}[-{cc|tc}][-{ec|rep}][-dvN][-{plain|fused}][-bf16]``, e.g.
+    ``ddl-tc-ec-dv8``; ``plain|fused`` sets the update's ``kernel``, default plain; ``-bf16``
+    stores the state in bf16, ``state_dtype=bfloat16``)."""
     if name in VARIANTS:
         return dict(VARIANTS[name])
     m = _NAME.match(name)
     if not m:
         raise ValueError(
             f"variant: got {name!r}, allowed: one of {', '.join(VARIANTS)} "
-            "or {additive|ddl|write_only}[-{cc|tc}][-{ec|rep}][-dvN][-{plain|fused}]"
+            "or {additive|ddl|write_only}[-{cc|tc}][-{ec|rep}][-dvN][-{plain|fused}][-bf16]"
         )
-    residual, compressor, expand, dv, kernel = m.groups()
+    residual, compressor, expand, dv, kernel, bf16 = m.groups()
     out: dict = dict(residual=residual, dv=int(dv or 1))
     if kernel:
         out["kernel"] = kernel
+    if bf16:
+        out["state_dtype"] = "bfloat16"
     if compressor:
         out["compressor"] = compressor
     if expand:

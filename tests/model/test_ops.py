@@ -78,6 +78,17 @@ def test_update_matches_formula_bf16(rule):
     assert_close(out.double(), ref(state, k, v, beta), **BF16_TOL)
 
 
+@pytest.mark.parametrize("rule", UPDATES)
+def test_bf16_state_is_updated_in_fp32_and_rounded_once(rule):
+    """state_dtype=bfloat16: the update itself runs in fp32; only its result is rounded."""
+    update, _ = UPDATES[rule]
+    state, k, v, beta = inputs(BF16, dv=4)
+    v = v.float()
+    out = update(state, k, v, beta)
+    assert out.dtype == BF16
+    assert torch.equal(out, update(state.float(), k, v, beta).to(BF16))
+
+
 def test_delta_update_gradients_fp64():
     state, k, v, beta = inputs(lead=(2,), d=5, dv=2)
     args = [t.double().requires_grad_() for t in (state, k, v, beta)]

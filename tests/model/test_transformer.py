@@ -359,3 +359,40 @@ def test_medium_preset_has_353m_parameters():
         counts = count_parameters(DeltaTransformer(cfg))
     assert abs(counts["total"] - 353e6) / 353e6 < 0.01, counts
     assert counts["non_embedding"] == counts["total"] - 50304 * 1024
+
+
+BF16_STATE = {
+    "ddl-dv1": dict(residual="ddl", dv=1),
+    "ddl-cc-ec-dv4": dict(residual="ddl", dv=4, compressor="cc", expand="conv"),
+    "ddl-tc-rep-dv2": dict(residual="ddl", dv=2, compressor="tc", expand="repeat"),
+    "write_only-cc-dv2": dict(residual="write_only", dv=2),
+    "additive-cc-dv2": dict(residual="additive", dv=2),
+}
+
+
+@pytest.mark.parametrize("kernel", ["plain", "fused"])
+@pytest.mark.parametrize("overrides", BF16_STATE.values(), ids=BF16_STATE.keys())
+def test_bf16_state_model_tracks_fp32_state(tiny, noisy, overrides, kernel):
+    """state_dtype=bfloat16 stores the state in bf16 and computes like the fp32-state model
+    up to bf16 rounding of the state: loss and gradients close, both kernels alike."""
+    cfg = tiny(kernel=kernel, **overrides)
+    ref = noisy(DeltaTransformer(cfg), std=0.1)
+    model = DeltaTransformer(ModelConfig(**{**cfg.to_dict(), "state_dtype": "bfloat16"}))
+    model.load_state_dict(ref.state_dict())
+    idx, targets = torch.randint(0, cfg.vocab_size, (2, 2, 16), generator=torch.Generator().manual_seed(0)).unbind(0)
+    assert model.final_state(idx).dtype == torch.bfloat16
+    assert ref.final_state(idx).dtype == torch.float32
+    grads = []
+    for m in (ref, model):
+        loss = m.loss(idx, targets)
+        loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
+        assert torch.isfinite(loss)
+    assert_close(model.loss(idx, targets), ref.loss(idx, targets), rtol=1e-2, atol=1e-2)
+    assert torch.isfinite(grads[1]).all()
+    assert ((grads[1] - grads[0]).norm() / grads[0].norm()).item() < 3e-2
+
+
+def test_state_dtype_is_validated():
+    with pytest.raises(ValueError, match=r"state_dtype: got 'fp8', allowed: float32 \| bfloat16"):
+        ModelConfig(state_dtype="fp8")

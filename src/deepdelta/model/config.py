@@ -14,6 +14,7 @@ EXPANDS = ("conv", "repeat")
 VALUE_SOURCES = ("context", "state")
 VALUE_SQUASHES = ("none", "sigmoid")
 KERNELS = ("plain", "fused")
+STATE_DTYPES = ("float32", "bfloat16")
 
 # The paper's sizes (spec "Backbone") and a CPU-sized default.
 PRESETS: dict[str, dict[str, int]] = {
@@ -48,6 +49,12 @@ class ModelConfig:
     # update (model/fused.py): 1-5% faster at dv > 1 on an H100, slower at dv = 1, more memory
     # (docs/benchmarks.md)
     kernel: str = "plain"
+    # storage of the state X between sublayers. float32: the parameters' precision (fp32, or
+    # fp64 for an fp64 model). bfloat16: the state and its gradient are stored in bf16 and every
+    # update is computed in fp32 and rounded once (as Megatron-LM keeps its residual stream
+    # unless --fp32-residual-connection): half the state's memory traffic and saved activations,
+    # at the cost of bf16 rounding of the residual stream (a numerics choice; docs/benchmarks.md)
+    state_dtype: str = "float32"
     # backbone
     n_layer: int = 4
     n_head: int = 4
@@ -98,6 +105,7 @@ class ModelConfig:
         choice("value_source", VALUE_SOURCES)
         choice("value_squash", VALUE_SQUASHES)
         choice("kernel", KERNELS)
+        choice("state_dtype", STATE_DTYPES)
         integer("dv", 1)
         integer("conv_kernel", 1)
         integer("beta_hidden", 0)

@@ -57,13 +57,18 @@ def discrepancy(state: Tensor, k: Tensor, v: Tensor, k_eps: float = 1e-5) -> Ten
 
 
 def delta_update(state: Tensor, k: Tensor, v: Tensor, beta: Tensor, k_eps: float = 1e-5) -> Tensor:
-    """X + β·k̂(vᵀ − k̂ᵀX): read along k̂, compare with v, write the difference back."""
-    k_hat = normalize_key(k, k_eps).to(state.dtype)
-    error = v.to(state.dtype) - read(state, k_hat)
-    return _write(state, beta.to(state.dtype)[..., None] * k_hat, error)
+    """X + β·k̂(vᵀ − k̂ᵀX): read along k̂, compare with v, write the difference back.
+
+    Computed in at least fp32 and returned in the state's dtype: a bf16-stored state
+    (``state_dtype=bfloat16``) is rounded once, after the update."""
+    x = at_least_fp32(state)
+    k_hat = normalize_key(k, k_eps).to(x.dtype)
+    error = v.to(x.dtype) - read(x, k_hat)
+    return _write(x, beta.to(x.dtype)[..., None] * k_hat, error).to(state.dtype)
 
 
 def write_only_update(state: Tensor, k: Tensor, v: Tensor, beta: Tensor, k_eps: float = 1e-5) -> Tensor:
     """X + β·k̂vᵀ: the same write with no erase term (the paper's missing control)."""
-    k_hat = normalize_key(k, k_eps).to(state.dtype)
-    return _write(state, beta.to(state.dtype)[..., None] * k_hat, v.to(state.dtype))
+    x = at_least_fp32(state)
+    k_hat = normalize_key(k, k_eps).to(x.dtype)
+    return _write(x, beta.to(x.dtype)[..., None] * k_hat, v.to(x.dtype)).to(state.dtype)

@@ -87,7 +87,7 @@ class ResidualRule(nn.Module):
         ``prev=``. ``prev``, the edit that made ``state``, lets the fused kernel recompute
         ``state`` in the backward instead of keeping it."""
         if self.kind == "additive":
-            new = state + h[..., None]
+            new = (ops.at_least_fp32(state) + h[..., None]).to(state.dtype)  # rounded once if stored in bf16
             return new, compress(new) if compress is not None else None, None
         cfg = self.cfg
         if cfg.map == "k":

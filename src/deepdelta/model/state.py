@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from deepdelta.model import ops
 from deepdelta.model.config import ModelConfig
 
 
@@ -86,4 +87,4 @@ class Compress(nn.Module):
             # with taps weight·read summed over the channels: no (B, T, d, dv) intermediate,
             # and only the state itself is kept for the backward pass.
             return causal_conv_read(state, self.weight * self.read[:, None])
-        return state[..., 0]
+        return ops.at_least_fp32(state[..., 0])  # a bf16-stored state is read in fp32

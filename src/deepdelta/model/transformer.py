@@ -123,6 +123,8 @@ class DeltaTransformer(nn.Module):
             raise ValueError(f"sequence length {T} exceeds block_size={self.config.block_size}")
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         state = self.expand(self.embed(idx))
+        if self.config.state_dtype == "bfloat16":  # stored in bf16; every update computes in fp32
+            state = state.to(torch.bfloat16)
         for block in self.blocks:
             state = block(state, cos, sin)
         return state
