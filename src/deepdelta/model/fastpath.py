@@ -2,7 +2,8 @@
 
 What it sets (measured on one H100, see docs/benchmarks.md):
 - bf16 autocast over the forward pass with fp32 master weights (the parameters and the
-  optimiser state stay fp32; the residual state X stays fp32; β is fp32);
+  optimiser state stay fp32; the residual state X stays fp32 unless
+  ``model.state_dtype=bfloat16``; β is fp32);
 - ``torch.compile`` per Block (compiled once, reused by the identical blocks), of the
   expansion, the readout and the LM head + cross-entropy, ``fullgraph=True`` (no graph
   breaks anywhere in the DDL path), default mode, no CUDA graphs; ``regional=False``
