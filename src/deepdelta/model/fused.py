@@ -5,9 +5,8 @@
 compression of the new state (the next sublayer's input), in one Triton kernel over the
 rows of the state (one token's (d, dv) matrix each): it reads the state from memory once
 (a second read of each row comes from L2) and writes it once. Its backward is one more
-kernel, from the saved input state, with the gradients derived by hand
-(``_backward_formulas`` states them in torch; tests compare them with autograd through
-``ops``).
+kernel, from the saved input state, with the gradients derived by hand (``_backward_formulas`` states them in torch; tests compare them with
+autograd through ``ops``).
 
 Memory: the op saves its input state, not its output. With ``prev`` (the inputs of the
 update that produced ``state``), it saves nothing of its own and recomputes ``state``
@@ -145,10 +144,10 @@ if triton is not None:
         ksq = tl.zeros((rows.shape[0],), tl.float32)
         kx = tl.zeros((rows.shape[0], BV), tl.float32)
         for d0 in range(0, D, BD):
-            k, k_at, k_mask = _rows(k_ptr, rows, d0, N, D, BD)
+            k, _, _ = _rows(k_ptr, rows, d0, N, D, BD)
             ksq += tl.sum(k * k, axis=1)
             if ERASE:
-                x, x_at, x_mask = _cells(x_ptr, rows, d0, N, D, DV, BD, BV)
+                x, _, _ = _cells(x_ptr, rows, d0, N, D, DV, BD, BV)
                 kx += tl.sum(k[:, :, None] * x, axis=1)
         inv = 1.0 / tl.sqrt((ksq + eps2).to(tl.float32))  # eps2 may arrive as fp64
         jj = tl.arange(0, BV)
@@ -167,9 +166,9 @@ if triton is not None:
         """A chunk of this update's input state: loaded, or with CHAIN recomputed from the
         previous edit (x_ptr its input state, w0 = β₀/sqrt(‖k₀‖² + ε²), e0 its e) and
         rounded as the forward stored it."""
-        x, x_at, x_mask = _cells(x_ptr, rows, d0, N, D, DV, BD, BV)
+        x, _, _ = _cells(x_ptr, rows, d0, N, D, DV, BD, BV)
         if CHAIN:
-            k0, k0_at, k0_mask = _rows(pk_ptr, rows, d0, N, D, BD)
+            k0, _, _ = _rows(pk_ptr, rows, d0, N, D, BD)
             x = (x + (w0[:, None] * k0)[:, :, None] * e0[:, None, :]).to(out_ty).to(tl.float32)
         return x
 
@@ -180,7 +179,7 @@ if triton is not None:
         R: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, ERASE: tl.constexpr, MIX: tl.constexpr,
     ):  # fmt: skip
         rows = tl.program_id(0).to(tl.int64) * R + tl.arange(0, R)
-        inv, e, r, beta = _edit(x_ptr, k_ptr, v_ptr, b_ptr, rows, N, D, DV, eps2, BD, BV, ERASE)
+        inv, e, _, beta = _edit(x_ptr, k_ptr, v_ptr, b_ptr, rows, N, D, DV, eps2, BD, BV, ERASE)
         w = beta * inv  # X' = X + β k̂ eᵀ with k̂ = k · inv
         jj = tl.arange(0, BV)
         for d0 in range(0, D, BD):
@@ -214,17 +213,16 @@ if triton is not None:
         xs = x_ptr
         w0 = tl.zeros((R,), tl.float32)
         e0 = tl.zeros((R, BV), tl.float32)
-        if CHAIN:  # the previous edit, to recompute this update's input state chunk by chunk
-            if ERASE:
-                inv0, e0, r0, beta0 = _edit(px_ptr, pk_ptr, pv_ptr, pb_ptr, rows, N, D, DV, eps2, BD, BV, ERASE)
-                w0 = beta0 * inv0
-                xs = px_ptr
+        if CHAIN and ERASE:  # the previous edit, to recompute this update's input state chunk by chunk
+            inv0, e0, _, beta0 = _edit(px_ptr, pk_ptr, pv_ptr, pb_ptr, rows, N, D, DV, eps2, BD, BV, ERASE)
+            w0 = beta0 * inv0
+            xs = px_ptr
         ksq = tl.zeros((R,), tl.float32)
         kx = tl.zeros((R, BV), tl.float32)
         kg = tl.zeros((R, BV), tl.float32)
         for d0 in range(0, D, BD):
             k, at_k, mask_k = _rows(k_ptr, rows, d0, N, D, BD)
-            G, g_at, g_mask = _cells(gnew_ptr, rows, d0, N, D, DV, BD, BV)
+            G, _, _ = _cells(gnew_ptr, rows, d0, N, D, DV, BD, BV)
             if MIX:
                 dd = d0 + tl.arange(0, BD)
                 mask_m = (dd < D)[:, None] & (jj < DV)[None, :]
