@@ -2,10 +2,10 @@
 
 ``update(state, k, v, beta, ...)`` computes the same function as ``ops.delta_update`` /
 ``ops.write_only_update`` — key norm, read, compare, write — and optionally the `cc`
-compression of the new state (the next sublayer's input), in one Triton kernel over the
-rows of the state (one token's (d, dv) matrix each): it reads the state from memory once
-(a second read of each row comes from L2) and writes it once. Its backward is one more
-kernel, from the saved input state, with the gradients derived by hand (``_backward_formulas`` states them in torch; tests compare them with
+compression of the new state (the next sublayer's input), in one Triton kernel per row
+of the state (one token's (d, dv) matrix): the state is read once and written once. Its
+backward is one more kernel per row, from the saved input state, with the gradients
+derived by hand (``_backward_formulas`` states them in torch; tests compare them with
 autograd through ``ops``).
 
 Memory: the op saves its input state, not its output. With ``prev`` (the inputs of the
@@ -108,69 +108,53 @@ def _backward_formulas(
 # -- Triton kernels -----------------------------------------------------------------------
 
 if triton is not None:
-    # A program takes R token rows (each a (d, dv) matrix) and walks d in chunks of BD: a
-    # first pass makes the row sums (‖k‖², kᵀX, kᵀG), a second pass writes the outputs. Small
-    # chunks keep the tiles in registers (whole-row tiles of R × 1024 × 4, a quarter of them
-    # masked at d = 768, left the kernels far below the bandwidth: docs/benchmarks.md); the
-    # second pass reads the rows again from L2. R and the warps are tuned per (d, dv). The
-    # interpreter (TRITON_INTERPRET=1, CPU) cannot benchmark, so it gets one configuration.
-    _SHAPES = ((1, 4), (2, 4), (4, 4), (2, 8), (4, 8), (8, 8))  # (R, warps)
+    # R rows per program share the block-wide reductions over d (a row is only d·dv
+    # numbers); R and the warps are tuned per (d, dv). The interpreter
+    # (TRITON_INTERPRET=1, CPU) cannot benchmark, so it gets one configuration.
+    _SHAPES = ((1, 4), (1, 8), (2, 4), (2, 8), (4, 8), (4, 16))  # (R, warps)
     if os.environ.get("TRITON_INTERPRET") == "1":
         _SHAPES = ((2, 4),)
     _CONFIGS = [triton.Config({"R": r}, num_warps=w) for r, w in _SHAPES]
 
     @triton.jit
-    def _rows(k_ptr, rows, d0, N, D, BD: tl.constexpr):
-        """A (R, BD) chunk of k (or of any (N, D) tensor), in fp32, and its offsets and mask."""
-        dd = d0 + tl.arange(0, BD)
-        at = rows[:, None] * D + dd[None, :]
-        mask = (rows < N)[:, None] & (dd < D)[None, :]
-        return tl.load(k_ptr + at, mask=mask, other=0.0).to(tl.float32), at, mask
+    def _load_edit(k_ptr, v_ptr, b_ptr, rows, N, D, DV, eps2, BD: tl.constexpr, BV: tl.constexpr):
+        """R rows' edit: k̂ (R, BD), 1/sqrt(‖k‖² + ε²) (R,), v (R, BV), β (R,)."""
+        offs_d = tl.arange(0, BD)
+        offs_j = tl.arange(0, BV)
+        mask_r = rows < N
+        mask_k = mask_r[:, None] & (offs_d < D)[None, :]
+        k = tl.load(k_ptr + rows[:, None] * D + offs_d[None, :], mask=mask_k, other=0.0).to(tl.float32)
+        inv = 1.0 / tl.sqrt((tl.sum(k * k, axis=1) + eps2).to(tl.float32))  # eps2 may arrive as fp64
+        mask_v = mask_r[:, None] & (offs_j < DV)[None, :]
+        v = tl.load(v_ptr + rows[:, None] * DV + offs_j[None, :], mask=mask_v, other=0.0)
+        beta = tl.load(b_ptr + rows, mask=mask_r, other=0.0)
+        return k * inv[:, None], inv, v, beta
 
     @triton.jit
-    def _cells(x_ptr, rows, d0, N, D, DV, BD: tl.constexpr, BV: tl.constexpr):
-        """A (R, BD, BV) chunk of the state, in fp32, and its offsets and mask."""
-        dd = d0 + tl.arange(0, BD)
-        jj = tl.arange(0, BV)
-        at = rows[:, None, None] * D * DV + dd[None, :, None] * DV + jj[None, None, :]
-        mask = (rows < N)[:, None, None] & (dd < D)[None, :, None] & (jj < DV)[None, None, :]
-        return tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32), at, mask
+    def _load_state(x_ptr, rows, N, D, DV, BD: tl.constexpr, BV: tl.constexpr):
+        x = tl.load(x_ptr + _tile(rows, D, DV, BD, BV), mask=_mask(rows, N, D, DV, BD, BV), other=0.0)
+        return x.to(tl.float32)  # a bf16 state is updated in fp32
 
     @triton.jit
-    def _edit(
-        x_ptr, k_ptr, v_ptr, b_ptr, rows, N, D, DV, eps2, BD: tl.constexpr, BV: tl.constexpr, ERASE: tl.constexpr
-    ):
-        """One pass over R rows: 1/sqrt(‖k‖² + ε²) (R,), e = v − k̂ᵀX (or v) (R, BV), k̂ᵀX, β."""
-        ksq = tl.zeros((rows.shape[0],), tl.float32)
-        kx = tl.zeros((rows.shape[0], BV), tl.float32)
-        for d0 in range(0, D, BD):
-            k, _, _ = _rows(k_ptr, rows, d0, N, D, BD)
-            ksq += tl.sum(k * k, axis=1)
-            if ERASE:
-                x, _, _ = _cells(x_ptr, rows, d0, N, D, DV, BD, BV)
-                kx += tl.sum(k[:, :, None] * x, axis=1)
-        inv = 1.0 / tl.sqrt((ksq + eps2).to(tl.float32))  # eps2 may arrive as fp64
-        jj = tl.arange(0, BV)
-        mask_v = (rows < N)[:, None] & (jj < DV)[None, :]
-        v = tl.load(v_ptr + rows[:, None] * DV + jj[None, :], mask=mask_v, other=0.0)
-        beta = tl.load(b_ptr + rows, mask=rows < N, other=0.0)
-        r = kx * inv[:, None]
-        e = v
+    def _tile(rows, D, DV, BD: tl.constexpr, BV: tl.constexpr):
+        offs_d = tl.arange(0, BD)
+        offs_j = tl.arange(0, BV)
+        return rows[:, None, None] * D * DV + offs_d[None, :, None] * DV + offs_j[None, None, :]
+
+    @triton.jit
+    def _mask(rows, N, D, DV, BD: tl.constexpr, BV: tl.constexpr):
+        offs_d = tl.arange(0, BD)
+        offs_j = tl.arange(0, BV)
+        return (rows < N)[:, None, None] & (offs_d < D)[None, :, None] & (offs_j < DV)[None, None, :]
+
+    @triton.jit
+    def _apply(x, kh, v, beta, ERASE: tl.constexpr):
+        # X' = X + β k̂ eᵀ with e = v − k̂ᵀX (or e = v without erase), for R rows at once
         if ERASE:
-            e = v - r
-        return inv, e, r, beta
-
-    @triton.jit
-    def _state(x_ptr, pk_ptr, rows, d0, N, D, DV, w0, e0, out_ty: tl.constexpr,
-               BD: tl.constexpr, BV: tl.constexpr, CHAIN: tl.constexpr):  # fmt: skip
-        """A chunk of this update's input state: loaded, or with CHAIN recomputed from the
-        previous edit (x_ptr its input state, w0 = β₀/sqrt(‖k₀‖² + ε²), e0 its e) and
-        rounded as the forward stored it."""
-        x, _, _ = _cells(x_ptr, rows, d0, N, D, DV, BD, BV)
-        if CHAIN:
-            k0, _, _ = _rows(pk_ptr, rows, d0, N, D, BD)
-            x = (x + (w0[:, None] * k0)[:, :, None] * e0[:, None, :]).to(out_ty).to(tl.float32)
-        return x
+            e = v - tl.sum(kh[:, :, None] * x, axis=1)
+        else:
+            e = v
+        return x + (beta[:, None] * kh)[:, :, None] * e[:, None, :], e
 
     @triton.autotune(configs=_CONFIGS, key=["D", "DV"])
     @triton.jit
@@ -179,19 +163,18 @@ if triton is not None:
         R: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, ERASE: tl.constexpr, MIX: tl.constexpr,
     ):  # fmt: skip
         rows = tl.program_id(0).to(tl.int64) * R + tl.arange(0, R)
-        inv, e, _, beta = _edit(x_ptr, k_ptr, v_ptr, b_ptr, rows, N, D, DV, eps2, BD, BV, ERASE)
-        w = beta * inv  # X' = X + β k̂ eᵀ with k̂ = k · inv
-        jj = tl.arange(0, BV)
-        for d0 in range(0, D, BD):
-            k, at_k, mask_k = _rows(k_ptr, rows, d0, N, D, BD)
-            x, at, mask = _cells(x_ptr, rows, d0, N, D, DV, BD, BV)
-            new = (x + (w[:, None] * k)[:, :, None] * e[:, None, :]).to(out_ptr.dtype.element_ty)  # rounded once
-            tl.store(out_ptr + at, new, mask=mask)
-            if MIX:  # the cc compression of the state as stored
-                dd = d0 + tl.arange(0, BD)
-                mask_m = (dd < D)[:, None] & (jj < DV)[None, :]
-                mix = tl.load(mix_ptr + dd[:, None] * DV + jj[None, :], mask=mask_m, other=0.0)
-                tl.store(xc_ptr + at_k, tl.sum(new.to(tl.float32) * mix[None, :, :], axis=2), mask=mask_k)
+        kh, _, v, beta = _load_edit(k_ptr, v_ptr, b_ptr, rows, N, D, DV, eps2, BD, BV)
+        new, _ = _apply(_load_state(x_ptr, rows, N, D, DV, BD, BV), kh, v, beta, ERASE)
+        new = new.to(out_ptr.dtype.element_ty)  # rounded once (a no-op for an fp32 state)
+        tl.store(out_ptr + _tile(rows, D, DV, BD, BV), new, mask=_mask(rows, N, D, DV, BD, BV))
+        if MIX:
+            offs_d = tl.arange(0, BD)
+            offs_j = tl.arange(0, BV)
+            mask_m = (offs_d < D)[:, None] & (offs_j < DV)[None, :]
+            mix = tl.load(mix_ptr + offs_d[:, None] * DV + offs_j[None, :], mask=mask_m, other=0.0)
+            mask_c = (rows < N)[:, None] & (offs_d < D)[None, :]
+            xc = tl.sum(new.to(tl.float32) * mix[None, :, :], axis=2)  # from the state as stored
+            tl.store(xc_ptr + rows[:, None] * D + offs_d[None, :], xc, mask=mask_c)
 
     @triton.autotune(configs=_CONFIGS, key=["D", "DV"])
     @triton.jit
@@ -203,75 +186,46 @@ if triton is not None:
         R: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
         ERASE: tl.constexpr, MIX: tl.constexpr, CHAIN: tl.constexpr,
     ):  # fmt: skip
-        # with G = ∂L/∂X' (+ ∂L/∂x_c ⊗ mix), g = k̂ᵀG, r = k̂ᵀX: ∂X = G − β k̂ gᵀ, ∂v = β g,
-        # ∂β = g·e, ∂k̂ = β (G e − X g) and k̂·∂k̂ = β (g·e − r·g), so a first pass over the
-        # rows makes every row sum and a second one writes ∂X and ∂k. The input state is
-        # only needed with erase (write-only's gradients do not depend on it).
+        # a loop over 16 rows per program (to sum ∂mix in the kernel) took 1.3x as long in
+        # all on the H100; ∂mix is summed outside
         rows = tl.program_id(0).to(tl.int64) * R + tl.arange(0, R)
-        jj = tl.arange(0, BV)
-        mask_v = (rows < N)[:, None] & (jj < DV)[None, :]
-        xs = x_ptr
-        w0 = tl.zeros((R,), tl.float32)
-        e0 = tl.zeros((R, BV), tl.float32)
-        if CHAIN and ERASE:  # the previous edit, to recompute this update's input state chunk by chunk
-            inv0, e0, _, beta0 = _edit(px_ptr, pk_ptr, pv_ptr, pb_ptr, rows, N, D, DV, eps2, BD, BV, ERASE)
-            w0 = beta0 * inv0
-            xs = px_ptr
-        ksq = tl.zeros((R,), tl.float32)
-        kx = tl.zeros((R, BV), tl.float32)
-        kg = tl.zeros((R, BV), tl.float32)
-        for d0 in range(0, D, BD):
-            k, at_k, mask_k = _rows(k_ptr, rows, d0, N, D, BD)
-            G, _, _ = _cells(gnew_ptr, rows, d0, N, D, DV, BD, BV)
-            if MIX:
-                dd = d0 + tl.arange(0, BD)
-                mask_m = (dd < D)[:, None] & (jj < DV)[None, :]
-                mix = tl.load(mix_ptr + dd[:, None] * DV + jj[None, :], mask=mask_m, other=0.0)
-                gxc = tl.load(gxc_ptr + at_k, mask=mask_k, other=0.0)
-                G += gxc[:, :, None] * mix[None, :, :]
-            ksq += tl.sum(k * k, axis=1)
-            kg += tl.sum(k[:, :, None] * G, axis=1)
-            if ERASE:
-                x = _state(xs, pk_ptr, rows, d0, N, D, DV, w0, e0, gx_ptr.dtype.element_ty, BD, BV, CHAIN)
-                kx += tl.sum(k[:, :, None] * x, axis=1)
-        inv = 1.0 / tl.sqrt((ksq + eps2).to(tl.float32))
-        v = tl.load(v_ptr + rows[:, None] * DV + jj[None, :], mask=mask_v, other=0.0)
-        beta = tl.load(b_ptr + rows, mask=rows < N, other=0.0)
-        g = kg * inv[:, None]
-        r = kx * inv[:, None]
-        e = v
-        if ERASE:
-            e = v - r
-        tl.store(gv_ptr + rows[:, None] * DV + jj[None, :], beta[:, None] * g, mask=mask_v)
-        tl.store(gb_ptr + rows, tl.sum(g * e, axis=1), mask=rows < N)
+        offs_d = tl.arange(0, BD)
+        offs_j = tl.arange(0, BV)
+        mask_r = rows < N
+        mask_k = mask_r[:, None] & (offs_d < D)[None, :]
+        mask_v = mask_r[:, None] & (offs_j < DV)[None, :]
+        tile = _tile(rows, D, DV, BD, BV)
+        mask = _mask(rows, N, D, DV, BD, BV)
+        if CHAIN:  # recompute this op's input state from the previous edit
+            kh0, _, v0, beta0 = _load_edit(pk_ptr, pv_ptr, pb_ptr, rows, N, D, DV, eps2, BD, BV)
+            x, _ = _apply(_load_state(px_ptr, rows, N, D, DV, BD, BV), kh0, v0, beta0, ERASE)
+            x = x.to(gx_ptr.dtype.element_ty).to(tl.float32)  # rounded as the forward stored it
+        else:
+            x = _load_state(x_ptr, rows, N, D, DV, BD, BV)
+        kh, inv, v, beta = _load_edit(k_ptr, v_ptr, b_ptr, rows, N, D, DV, eps2, BD, BV)
+        _, e = _apply(x, kh, v, beta, ERASE)
+        G = tl.load(gnew_ptr + tile, mask=mask, other=0.0).to(tl.float32)
         if MIX:
-            tl.store(e_ptr + rows[:, None] * DV + jj[None, :], e, mask=mask_v)
-        dot = tl.sum(g * e, axis=1)  # k̂·∂k̂ / β
+            gxc = tl.load(gxc_ptr + rows[:, None] * D + offs_d[None, :], mask=mask_k, other=0.0)
+            mask_m = (offs_d < D)[:, None] & (offs_j < DV)[None, :]
+            mix = tl.load(mix_ptr + offs_d[:, None] * DV + offs_j[None, :], mask=mask_m, other=0.0)
+            G += gxc[:, :, None] * mix[None, :, :]
+            tl.store(e_ptr + rows[:, None] * DV + offs_j[None, :], e, mask=mask_v)
+        g = tl.sum(kh[:, :, None] * G, axis=1)
+        tl.store(gv_ptr + rows[:, None] * DV + offs_j[None, :], beta[:, None] * g, mask=mask_v)
+        tl.store(gb_ptr + rows, tl.sum(g * e, axis=1), mask=mask_r)
+        grad_kh = tl.sum(G * e[:, None, :], axis=2)
         if ERASE:
-            dot -= tl.sum(r * g, axis=1)
-        for d0 in range(0, D, BD):
-            k, at_k, mask_k = _rows(k_ptr, rows, d0, N, D, BD)
-            G, at, mask = _cells(gnew_ptr, rows, d0, N, D, DV, BD, BV)
-            if MIX:
-                dd = d0 + tl.arange(0, BD)
-                mask_m = (dd < D)[:, None] & (jj < DV)[None, :]
-                mix = tl.load(mix_ptr + dd[:, None] * DV + jj[None, :], mask=mask_m, other=0.0)
-                gxc = tl.load(gxc_ptr + at_k, mask=mask_k, other=0.0)
-                G += gxc[:, :, None] * mix[None, :, :]
-            kh = k * inv[:, None]
-            grad_kh = tl.sum(G * e[:, None, :], axis=2)
-            if ERASE:
-                x = _state(xs, pk_ptr, rows, d0, N, D, DV, w0, e0, gx_ptr.dtype.element_ty, BD, BV, CHAIN)
-                grad_kh -= tl.sum(x * g[:, None, :], axis=2)
-                G -= (beta[:, None] * kh)[:, :, None] * g[:, None, :]
-            grad_k = beta[:, None] * (grad_kh - kh * dot[:, None]) * inv[:, None]
-            tl.store(gk_ptr + at_k, grad_k.to(gk_ptr.dtype.element_ty), mask=mask_k)
-            tl.store(gx_ptr + at, G.to(gx_ptr.dtype.element_ty), mask=mask)
+            grad_kh -= tl.sum(x * g[:, None, :], axis=2)
+            G -= (beta[:, None] * kh)[:, :, None] * g[:, None, :]
+        grad_kh = beta[:, None] * grad_kh
+        grad_k = (grad_kh - kh * tl.sum(kh * grad_kh, axis=1)[:, None]) * inv[:, None]
+        tl.store(gk_ptr + rows[:, None] * D + offs_d[None, :], grad_k.to(gk_ptr.dtype.element_ty), mask=mask_k)
+        tl.store(gx_ptr + tile, G.to(gx_ptr.dtype.element_ty), mask=mask)
 
 
 def _blocks(D: int, DV: int) -> tuple[int, int]:
-    """The chunk of d a program handles at a time, and dv padded to a power of two."""
-    return min(triton.next_power_of_2(D), 256), max(2, triton.next_power_of_2(DV))
+    return triton.next_power_of_2(D), max(2, triton.next_power_of_2(DV))
 
 
 def _use_triton(state: Tensor) -> bool:
