@@ -52,8 +52,9 @@ class ModelConfig:
     # storage of the state X between sublayers. float32: the parameters' precision (fp32, or
     # fp64 for an fp64 model). bfloat16: the state and its gradient are stored in bf16 and every
     # update is computed in fp32 and rounded once (as Megatron-LM keeps its residual stream
-    # unless --fp32-residual-connection): half the state's memory traffic and saved activations,
-    # at the cost of bf16 rounding of the residual stream (a numerics choice; docs/benchmarks.md)
+    # unless --fp32-residual-connection). With kernel=fused the saved states halve (dv=4 on an
+    # H100: 1.33x -> 1.19x the additive peak memory); with the plain ops it needs more memory.
+    # A numerics choice: the residual stream is rounded to bf16 (docs/benchmarks.md)
     state_dtype: str = "float32"
     # backbone
     n_layer: int = 4
