@@ -60,6 +60,15 @@ def build_loggers(
     return loggers
 
 
+def sigterm_message(trainer: L.Trainer | None, run_dir: Path) -> str:
+    """What a run stopped by a SIGTERM that Lightning raised itself (between validation
+    batches) prints: the same words as a stop at a step boundary, since the checkpoint
+    callback has saved the last step by then."""
+    saved = getattr(getattr(trainer, "checkpoint_callback", None), "last_model_path", "")
+    where = f"saved {saved} at step {trainer.global_step} and stopped" if saved and trainer else "stopped"
+    return f"SIGTERM received: {where}; resume with: python src/train.py resume={run_dir}"
+
+
 def run(cfg: DictConfig, run_dir: Path, name: str = "", multirun: bool = False) -> float | None:
     """Train one configuration in ``run_dir``; returns the final validation loss.
 
@@ -115,7 +124,7 @@ def run(cfg: DictConfig, run_dir: Path, name: str = "", multirun: bool = False) 
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         status = "finished"
     except SIGTERMException as exc:  # preempted: the checkpoint is on disk; exit 0 so it can be requeued
-        status, error = "preempted", str(exc) or f"preempted; resume with: python src/train.py resume={run_dir}"
+        status, error = "preempted", str(exc) or sigterm_message(trainer, run_dir)
         print(error)
         if multirun:
             raise  # stop the sweep too: the scheduler wants this process gone
