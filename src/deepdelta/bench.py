@@ -112,9 +112,6 @@ def bench_variant(
     regional: bool = True,
 ) -> dict:
     """Build, compile, warm up and time one variant; returns one table row."""
-    # each variant starts from empty compile caches: the compiled Block code would otherwise
-    # collect one cache entry per variant (guard checks grow, and fullgraph fails after 8)
-    torch._dynamo.reset()
     torch.manual_seed(0)
     block_size = max(seq, ModelConfig.preset(preset).block_size)
     cfg = ModelConfig.preset(preset, **variant_overrides(name), block_size=block_size)
@@ -359,6 +356,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             else:
                 print(f"  {name} T={seq}: {row['error']}", flush=True)
             gc.collect()
+            # the next variant starts from empty compile caches: the compiled Block code would
+            # otherwise collect one cache entry per variant (guard checks grow, and fullgraph
+            # fails after 8)
             torch._dynamo.reset()
             if gpu:
                 torch.cuda.empty_cache()
