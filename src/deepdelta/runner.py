@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from deepdelta import validate
 from deepdelta.analysis.summary import run_summary
 from deepdelta.batching import plan_batch
-from deepdelta.callbacks.checkpoint import AtomicCheckpointIO
+from deepdelta.callbacks.checkpoint import AtomicCheckpointIO, stop_message
 from deepdelta.callbacks.faults import fault_callbacks
 from deepdelta.loggers import ResumableCSVLogger
 from deepdelta.model import ModelConfig, count_parameters, flops_per_token
@@ -58,15 +58,6 @@ def build_loggers(
                 extra.update(id=resume_id, resume="allow")
         loggers.append(factory(**extra))
     return loggers
-
-
-def sigterm_message(trainer: L.Trainer | None, run_dir: Path) -> str:
-    """What a run stopped by a SIGTERM that Lightning raised itself (between validation
-    batches) prints: the same words as a stop at a step boundary, since the checkpoint
-    callback has saved the last step by then."""
-    saved = getattr(getattr(trainer, "checkpoint_callback", None), "last_model_path", "")
-    where = f"saved {saved} at step {trainer.global_step} and stopped" if saved and trainer else "stopped"
-    return f"SIGTERM received: {where}; resume with: python src/train.py resume={run_dir}"
 
 
 def run(cfg: DictConfig, run_dir: Path, name: str = "", multirun: bool = False) -> float | None:
@@ -124,7 +115,11 @@ def run(cfg: DictConfig, run_dir: Path, name: str = "", multirun: bool = False) 
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         status = "finished"
     except SIGTERMException as exc:  # preempted: the checkpoint is on disk; exit 0 so it can be requeued
-        status, error = "preempted", str(exc) or sigterm_message(trainer, run_dir)
+        # empty when Lightning raised it between validation batches; the checkpoint callback
+        # has saved the last step by then, so say the same as a stop at a step boundary
+        saved = getattr(getattr(trainer, "checkpoint_callback", None), "last_model_path", "")
+        step = trainer.global_step if trainer is not None else 0
+        status, error = "preempted", str(exc) or stop_message("SIGTERM", saved, step, run_dir)
         print(error)
         if multirun:
             raise  # stop the sweep too: the scheduler wants this process gone

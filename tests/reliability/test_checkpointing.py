@@ -250,14 +250,12 @@ def test_resume_and_a_different_run_dir_conflict(tmp_path):
 
 def test_a_sigterm_lightning_raises_reports_the_saved_checkpoint(tmp_path):
     """A SIGTERM between validation batches stops the run through Lightning's own exception;
-    the run then prints the same words as a stop at a step boundary: what was saved, and
-    the command that resumes."""
-    from types import SimpleNamespace
-
-    from deepdelta.runner import sigterm_message
+    the run then prints the same words as a stop at a step boundary (``Preempted``): what was
+    saved, and the command that resumes."""
+    from deepdelta.callbacks.checkpoint import stop_message
 
     last = tmp_path / "checkpoints" / "last.ckpt"
-    trainer = SimpleNamespace(global_step=12, checkpoint_callback=SimpleNamespace(last_model_path=str(last)))
     resume = f"resume with: python src/train.py resume={tmp_path}"
-    assert sigterm_message(trainer, tmp_path) == f"SIGTERM received: saved {last} at step 12 and stopped; {resume}"
-    assert sigterm_message(None, tmp_path) == f"SIGTERM received: stopped; {resume}"
+    saved = stop_message("SIGTERM", str(last), 12, tmp_path)
+    assert saved == f"SIGTERM received: saved {last} at step 12 and stopped; {resume}"
+    assert stop_message("SIGTERM", "", 0, tmp_path) == f"SIGTERM received: stopped; {resume}"

@@ -42,6 +42,13 @@ class Preempted(SIGTERMException):
         return self.message
 
 
+def stop_message(reason: str, saved: str, step: int, run_dir: Path) -> str:
+    """What a run stopped by a signal prints: what it saved at which step (if anything), and
+    the command that resumes it."""
+    where = f"saved {saved} at step {step} and stopped" if saved else "stopped"
+    return f"{reason} received: {where}; resume with: python src/train.py resume={run_dir}"
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """torch.save to a hidden temp file in the target's directory, fsync, then ``os.replace``: a kill at any
     moment leaves either the previous checkpoint or the new one, never a partial file."""
@@ -237,8 +244,7 @@ class Checkpoint(ModelCheckpoint):
             elif reason == "SIGUSR1":
                 _slurm_requeue(trainer)
             raise Preempted(
-                f"{reason} received: saved {self.last_model_path} at step {trainer.global_step} and stopped; "
-                f"resume with: python src/train.py resume={Path(self.dirpath or '.').parent}"
+                stop_message(reason, self.last_model_path, trainer.global_step, Path(self.dirpath or ".").parent)
             )
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
