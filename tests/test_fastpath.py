@@ -184,11 +184,13 @@ def test_compiled_bf16_matches_eager_gpu(overrides):
 @pytest.mark.parametrize("erase", [True, False], ids=["ddl", "write_only"])
 @pytest.mark.parametrize("chain", [False, True], ids=["saved", "recomputed"])
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16], ids=["fp32-state", "bf16-state"])
-def test_triton_update_matches_ops_gpu(dv, erase, chain, state_dtype):
+@pytest.mark.parametrize("n_taps", [1, 4], ids=["cc", "tc"])
+def test_triton_update_matches_ops_gpu(dv, erase, chain, state_dtype, n_taps):
     """The Triton kernels, forward and backward, against autograd through the plain ops in
     fp64: an odd width (masked tiles), a row count that is not a multiple of the rows per
-    program, a bf16 key as under autocast, with and without the cc compression. A bf16
-    state is stored rounded once (its gradient too); the rest is computed in fp32."""
+    program, a bf16 key as under autocast, with the compression's reads (one tap as for
+    `cc`, four as for `tc`). A bf16 state is stored rounded once (its gradient too); the
+    rest is computed in fp32."""
     n, d = 1001, 200
     rule = ops.delta_update if erase else ops.write_only_update
     bf16_state = state_dtype == torch.bfloat16
@@ -201,24 +203,27 @@ def test_triton_update_matches_ops_gpu(dv, erase, chain, state_dtype):
     state = rule(x0, k0.float(), v0, b0).requires_grad_()
     k = r(n, d, dtype=torch.bfloat16).requires_grad_()
     v, beta = r(n, dv).requires_grad_(), (2 * torch.rand(n, device="cuda")).requires_grad_()
-    mix = r(d, dv).requires_grad_()
-    g_new, g_xc = r(n, d, dv, dtype=state_dtype).float(), r(n, d)  # ∂X' as autograd passes it
-    leaves = [state, k, v, beta, mix]
+    taps = r(n_taps, d, dv).requires_grad_()
+    g_new, g_reads = r(n, d, dv, dtype=state_dtype).float(), r(n, n_taps, d)  # ∂X' as autograd passes it
+    leaves = [state, k, v, beta, taps]
 
-    new, xc = fused.update(state, k, v, beta, erase=erase, mix=mix, prev=fused.Edit(x0, k0, v0, b0) if chain else None)
-    assert new.dtype == state_dtype and xc.dtype == torch.float32
-    got = torch.autograd.grad((new * g_new).sum() + (xc * g_xc).sum(), leaves)
+    new, reads = fused.update(
+        state, k, v, beta, erase=erase, taps=taps, prev=fused.Edit(x0, k0, v0, b0) if chain else None
+    )
+    assert new.dtype == state_dtype and reads.dtype == torch.float32
+    got = torch.autograd.grad((new * g_new).sum() + (reads * g_reads).sum(), leaves)
     leaves64 = [t.detach().double().requires_grad_() for t in leaves]
-    s64, k64, v64, b64, m64 = leaves64
+    s64, k64, v64, b64, t64 = leaves64
     want_new = rule(s64, k64, v64, b64)  # not rounded: the bf16 state's rounding is the tolerance
-    want = torch.autograd.grad((want_new * g_new).sum() + ((want_new * m64).sum(-1) * g_xc).sum(), leaves64)
+    want_reads = torch.stack([(want_new * tap).sum(-1) for tap in t64], -2)
+    want = torch.autograd.grad((want_new * g_new).sum() + (want_reads * g_reads).sum(), leaves64)
     tol = 4e-3 if bf16_state else 1e-6
     assert rel(new, want_new) < tol
-    assert rel(xc, (want_new * m64).sum(-1)) < tol
+    assert rel(reads, want_reads) < tol
     if bf16_state:  # within the rounding of the stored state
         assert rel(new, rule(state.detach(), k.detach(), v.detach(), beta.detach())) < 4e-3
-    for name, a, b in zip(["state", "k", "v", "beta", "mix"], got, want, strict=True):
-        assert a.dtype == leaves[["state", "k", "v", "beta", "mix"].index(name)].dtype
+    for name, a, b in zip(["state", "k", "v", "beta", "taps"], got, want, strict=True):
+        assert a.dtype == leaves[["state", "k", "v", "beta", "taps"].index(name)].dtype
         # ∂k is stored in bf16; with a bf16 state, the kernel's recomputed state may round a
         # few elements the other way than the ops did
         bound = {"k": 1e-2, "state": 8e-3 if bf16_state else 1e-5}.get(name, 1e-4 if bf16_state else 1e-5)

@@ -31,32 +31,37 @@ def inputs(dv: int, seed: int = 0, dtype: torch.dtype = F64):
     return r(N, D, dv), r(N, D, scale=3.0), r(N, dv), beta
 
 
+def reads(state, taps):
+    """What the op's reads should be: Σ_j taps[s]⊙X per tap, (N, S, d)."""
+    return torch.stack([(state * tap).sum(-1) for tap in taps], -2)
+
+
 @pytest.mark.parametrize("erase", [True, False], ids=["ddl", "write_only"])
-@pytest.mark.parametrize("with_mix", [True, False], ids=["cc", "no-compress"])
+@pytest.mark.parametrize("n_taps", [1, 3, 0], ids=["cc", "tc", "no-compress"])
 @pytest.mark.parametrize("chain", [False, True], ids=["saved", "recomputed"])
 @pytest.mark.parametrize("dv", [1, 3])
-def test_forward_and_backward_match_autograd_of_ops(erase, with_mix, chain, dv):
+def test_forward_and_backward_match_autograd_of_ops(erase, n_taps, chain, dv):
     rule = ops.delta_update if erase else ops.write_only_update
     x0, k0, v0, b0 = inputs(dv, seed=1)
     state = rule(x0, k0, v0, b0).requires_grad_()  # the previous update's output
     k, v, beta = (t.requires_grad_() for t in inputs(dv, seed=2)[1:])
-    mix = torch.randn(D, dv, dtype=F64, requires_grad=True) if with_mix else None
-    leaves = [state, k, v, beta] + ([mix] if with_mix else [])
-    g_new, g_xc = torch.randn(N, D, dv, dtype=F64), torch.randn(N, D, dtype=F64)
+    taps = torch.randn(n_taps, D, dv, dtype=F64, requires_grad=True) if n_taps else None
+    leaves = [state, k, v, beta] + ([taps] if n_taps else [])
+    g_new, g_reads = torch.randn(N, D, dv, dtype=F64), torch.randn(N, n_taps, D, dtype=F64)
 
     want_new = rule(state, k, v, beta)
-    want_loss = (want_new * g_new).sum() + (((want_new * mix).sum(-1) * g_xc).sum() if with_mix else 0)
+    want_loss = (want_new * g_new).sum() + ((reads(want_new, taps) * g_reads).sum() if n_taps else 0)
     want = torch.autograd.grad(want_loss, leaves)
 
     prev = fused.Edit(x0, k0, v0, b0) if chain else None
-    new, xc = fused.update(state, k, v, beta, erase=erase, mix=mix, prev=prev)
-    assert (xc is None) == (mix is None)
-    got = torch.autograd.grad((new * g_new).sum() + ((xc * g_xc).sum() if with_mix else 0), leaves)
+    new, got_reads = fused.update(state, k, v, beta, erase=erase, taps=taps, prev=prev)
+    assert (got_reads is None) == (taps is None)
+    got = torch.autograd.grad((new * g_new).sum() + ((got_reads * g_reads).sum() if n_taps else 0), leaves)
 
     assert_close(new, want_new, rtol=1e-12, atol=1e-12)
-    if with_mix:
-        assert_close(xc, (want_new * mix).sum(-1), rtol=1e-12, atol=1e-12)
-    for name, a, b in zip(["state", "k", "v", "beta", "mix"], got, want, strict=False):
+    if n_taps:
+        assert_close(got_reads, reads(want_new, taps), rtol=1e-12, atol=1e-12)
+    for name, a, b in zip(["state", "k", "v", "beta", "taps"], got, want, strict=False):
         assert_close(a, b, rtol=1e-10, atol=1e-10, msg=lambda m, name=name: f"grad {name}: {m}")
 
 
@@ -65,8 +70,8 @@ def test_batched_shapes_and_bf16_key():
     state = torch.randn(2, 3, D, 4, requires_grad=True)
     k = torch.randn(2, 3, D, dtype=torch.bfloat16, requires_grad=True)
     v, beta = torch.randn(2, 3, 4, requires_grad=True), torch.rand(2, 3, requires_grad=True)
-    new, xc = fused.update(state, k, v, beta, mix=torch.full((D, 4), 0.25))
-    assert new.shape == state.shape and xc.shape == (2, 3, D)
+    new, got_reads = fused.update(state, k, v, beta, taps=torch.full((2, D, 4), 0.25))
+    assert new.shape == state.shape and got_reads.shape == (2, 3, 2, D)
     assert_close(new, ops.delta_update(state, k.float(), v, beta), rtol=1e-6, atol=1e-6)
     new.sum().backward()
     assert k.grad.dtype == torch.bfloat16 and state.grad.dtype == torch.float32
@@ -93,6 +98,7 @@ def test_exact_overwrite_and_contraction():
 VARIANTS = {
     "ddl-cc-ec-dv3": dict(residual="ddl", dv=3, compressor="cc", expand="conv"),
     "ddl-tc-rep-dv2": dict(residual="ddl", dv=2, compressor="tc", expand="repeat"),
+    "ddl-tc-k16-dv2": dict(residual="ddl", dv=2, compressor="tc", conv_kernel=16),  # taps beyond T=12
     "write_only-cc-dv2": dict(residual="write_only", dv=2, compressor="cc"),
     "ddl-dv1": dict(residual="ddl", dv=1),
     "ddl-vmap-sigmoid": dict(residual="ddl", dv=2, map="v", value_squash="sigmoid"),
@@ -117,13 +123,14 @@ def test_model_with_fused_kernel_matches_plain(tiny, noisy, overrides):
         assert_close(q.grad, p.grad, rtol=1e-9, atol=1e-11, msg=lambda m, name=name: f"{name}: {m}")
 
 
-def test_a_fused_block_keeps_one_state_for_the_backward(tiny, noisy):
+@pytest.mark.parametrize("compressor", ["cc", "tc"])
+def test_a_fused_block_keeps_one_state_for_the_backward(tiny, noisy, compressor):
     """The MLP update recomputes the mid-block state from the attention update's inputs,
     so the backward keeps one (B, T, d, dv) state per block, not two."""
     B, T, dv = 2, 8, 4
 
     def states_kept(kernel: str) -> int:
-        model = noisy(DeltaTransformer(tiny(dv=dv, kernel=kernel, n_layer=1)))
+        model = noisy(DeltaTransformer(tiny(dv=dv, kernel=kernel, n_layer=1, compressor=compressor)))
         state = torch.randn(B, T, model.config.d_model, dv, requires_grad=True)
         cos, sin = model.rope_cos[:T], model.rope_sin[:T]
         kept = set()
@@ -150,7 +157,7 @@ def test_kernel_choice_is_validated():
 @pytest.mark.parametrize("chain", [False, True], ids=["saved", "recomputed"])
 def test_bf16_state_matches_ops(erase, chain):
     """state_dtype=bfloat16: the op's new state equals the ops' (fp32 update, rounded once)
-    and its compression reads the stored state. Its gradients are those of the update
+    and its reads are of the stored state. Its gradients are those of the update
     without the rounding (fp64 autograd through the ops on the same values), the state's
     stored in bf16 like the state."""
     rule = ops.delta_update if erase else ops.write_only_update
@@ -159,25 +166,25 @@ def test_bf16_state_matches_ops(erase, chain):
     state = rule(x0, k0, v0, b0).requires_grad_()
     assert state.dtype == torch.bfloat16
     k, v, beta = (t.requires_grad_() for t in inputs(4, seed=2, dtype=torch.float32)[1:])
-    mix = torch.randn(D, 4, requires_grad=True)
-    leaves = [state, k, v, beta, mix]
-    g_new, g_xc = torch.randn(N, D, 4).bfloat16(), torch.randn(N, D)
+    taps = torch.randn(2, D, 4, requires_grad=True)
+    leaves = [state, k, v, beta, taps]
+    g_new, g_reads = torch.randn(N, D, 4).bfloat16(), torch.randn(N, 2, D)
 
     prev = fused.Edit(x0, k0, v0, b0) if chain else None
-    new, xc = fused.update(state, k, v, beta, erase=erase, mix=mix, prev=prev)
-    assert new.dtype == torch.bfloat16 and xc.dtype == torch.float32
+    new, got_reads = fused.update(state, k, v, beta, erase=erase, taps=taps, prev=prev)
+    assert new.dtype == torch.bfloat16 and got_reads.dtype == torch.float32
     with torch.no_grad():
         stored = rule(state, k, v, beta)
         assert torch.equal(new, stored)
-        assert_close(xc, (stored * mix).sum(-1), rtol=1e-6, atol=1e-6)
+        assert_close(got_reads, reads(stored.float(), taps), rtol=1e-6, atol=1e-6)
 
-    got = torch.autograd.grad((new * g_new).sum() + (xc * g_xc).sum(), leaves)
+    got = torch.autograd.grad((new * g_new).sum() + (got_reads * g_reads).sum(), leaves)
     leaves64 = [t.detach().double().requires_grad_() for t in leaves]
     new64 = rule(*leaves64[:4])
-    loss64 = (new64 * g_new.double()).sum() + ((new64 * leaves64[4]).sum(-1) * g_xc.double()).sum()
+    loss64 = (new64 * g_new.double()).sum() + (reads(new64, leaves64[4]) * g_reads.double()).sum()
     want = torch.autograd.grad(loss64, leaves64)
     assert got[0].dtype == torch.bfloat16
-    for name, a, b in zip(["state", "k", "v", "beta", "mix"], got, want, strict=True):
+    for name, a, b in zip(["state", "k", "v", "beta", "taps"], got, want, strict=True):
         tol = 8e-3 if name == "state" else 1e-4  # ∂X is rounded to bf16 once
         assert_close(a.double(), b, rtol=tol, atol=tol, msg=lambda m, name=name: f"grad {name}: {m}")
 

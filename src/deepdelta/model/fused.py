@@ -1,9 +1,10 @@
 """The fused DDL update: one pass over the state forward, one pass backward (issue 5).
 
 ``update(state, k, v, beta, ...)`` computes the same function as ``ops.delta_update`` /
-``ops.write_only_update`` — key norm, read, compare, write — and optionally the `cc`
-compression of the new state (the next sublayer's input), in one Triton kernel per row
-of the state (one token's (d, dv) matrix): the state is read once and written once. Its
+``ops.write_only_update`` — key norm, read, compare, write — and optionally the reads of
+the new state that the next compression needs (``Compress.taps``: one for `cc`, one per
+token-conv tap for `tc`), in one Triton kernel per row of the state (one token's (d, dv)
+matrix): the state is read once and written once. Its
 backward is one more kernel per row, from the saved input state, with the gradients
 derived by hand (``_backward_formulas`` states them in torch; tests compare them with
 autograd through ``ops``).
@@ -17,7 +18,7 @@ The Triton kernels run for fp32 and bf16 states on CUDA; elsewhere (CPU, fp64) t
 the same formulas in torch, so the hand-written backward is tested on the CPU too. A bf16
 state (``state_dtype=bfloat16``) is loaded, updated in fp32 and rounded once when stored,
 like ``ops``; its gradient is stored in bf16 as well, and everything else (v, β, the
-compression) stays in fp32.
+reads) stays in fp32.
 
 It is opt-in (``model.kernel=fused``). On an H100 it trained dv=2 and dv=4 models 1-5%
 faster than the compiled plain ops, dv=1 models slower, and it always needed more memory.
@@ -61,11 +62,21 @@ def _key(k: Tensor, dtype: torch.dtype, k_eps: float) -> tuple[Tensor, Tensor]:
 
 
 def _forward_formulas(
-    state: Tensor, k: Tensor, v: Tensor, beta: Tensor, mix: Tensor | None, k_eps: float, erase: bool
+    state: Tensor, k: Tensor, v: Tensor, beta: Tensor, taps: Tensor | None, k_eps: float, erase: bool
 ) -> tuple[Tensor, Tensor]:
     rule = ops.delta_update if erase else ops.write_only_update
     new = rule(state, k.to(v.dtype), v, beta, k_eps)  # rounded once to the state's dtype
-    return new, ((new * mix).sum(-1) if mix is not None else v.new_empty(0))
+    if taps is None:
+        return new, v.new_empty(0)
+    return new, torch.einsum("ndj,sdj->nsd", new.to(taps.dtype), taps)  # reads of the state as stored
+
+
+def _grad_taps(grad_reads: Tensor, state: Tensor, scaled_key: Tensor, e: Tensor) -> Tensor:
+    """∂taps[s] = Σ_n grad_reads[n, s] ⊗ X'[n] with X' = X + (β k̂) eᵀ before its rounding:
+    a column sum of the input state (one reduction under torch.compile) plus a (d × N)(N × dv)
+    product, per tap."""
+    x = state.to(e.dtype)
+    return torch.stack([(g[..., None] * x).sum(0) + (g * scaled_key).T @ e for g in grad_reads.unbind(1)])
 
 
 def _backward_formulas(
@@ -73,24 +84,25 @@ def _backward_formulas(
     k: Tensor,
     v: Tensor,
     beta: Tensor,
-    mix: Tensor | None,
+    taps: Tensor | None,
     grad_new: Tensor,
-    grad_xc: Tensor | None,
+    grad_reads: Tensor | None,
     k_eps: float,
     erase: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
-    """Gradients of X' = X + β k̂ eᵀ, e = v − k̂ᵀX (e = v without erase), and of x_c = Σ_j mix⊙X'.
+    """Gradients of X' = X + β k̂ eᵀ, e = v − k̂ᵀX (e = v without erase), and of the reads
+    r_s = Σ_j taps[s]⊙X'.
 
-    With G = ∂L/∂X' (plus grad_xc ⊗ mix) and g = Gᵀk̂:
+    With G = ∂L/∂X' (plus Σ_s grad_reads_s ⊗ taps[s]) and g = Gᵀk̂:
     ∂X = G − β k̂ gᵀ, ∂v = β g, ∂β = g·e, ∂k̂ = β (G e − X g),
-    ∂k = (∂k̂ − k̂ (k̂·∂k̂)) / sqrt(‖k‖² + ε²), ∂mix = Σ_tokens grad_xc ⊗ X'.
+    ∂k = (∂k̂ − k̂ (k̂·∂k̂)) / sqrt(‖k‖² + ε²), ∂taps[s] = Σ_tokens grad_reads_s ⊗ X'.
     (Without erase the X g term and the −β k̂ gᵀ term drop.) Computed in v's dtype (at least
-    fp32); ∂X is returned in the state's dtype, and ∂mix uses X' before its rounding."""
+    fp32); ∂X is returned in the state's dtype, and ∂taps uses X' before its rounding."""
     out_dtype, state, grad_new = state.dtype, state.to(v.dtype), grad_new.to(v.dtype)
     kh, inv = _key(k, v.dtype, k_eps)
     b = beta[..., None]
     e = v - (kh[..., None] * state).sum(-2) if erase else v
-    G = grad_new if mix is None else grad_new + grad_xc[..., None] * mix
+    G = grad_new if taps is None else grad_new + torch.einsum("nsd,sdj->ndj", grad_reads, taps)
     g = (kh[..., None] * G).sum(-2)
     grad_kh = (G * e[..., None, :]).sum(-1)
     if erase:
@@ -98,11 +110,8 @@ def _backward_formulas(
     grad_kh = b * grad_kh
     grad_k = (grad_kh - kh * (kh * grad_kh).sum(-1, keepdim=True)) * inv
     grad_state = G - (b * kh)[..., None] * g[..., None, :] if erase else G
-    grad_mix = None
-    if mix is not None:
-        new = state + (b * kh)[..., None] * e[..., None, :]
-        grad_mix = (grad_xc[..., None] * new).reshape(-1, *mix.shape).sum(0)
-    return grad_state.to(out_dtype), grad_k.to(k.dtype), b * g, (g * e).sum(-1), grad_mix
+    grad_taps = _grad_taps(grad_reads, state, b * kh, e) if taps is not None else None
+    return grad_state.to(out_dtype), grad_k.to(k.dtype), b * g, (g * e).sum(-1), grad_taps
 
 
 # -- Triton kernels -----------------------------------------------------------------------
@@ -148,6 +157,13 @@ if triton is not None:
         return (rows < N)[:, None, None] & (offs_d < D)[None, :, None] & (offs_j < DV)[None, None, :]
 
     @triton.jit
+    def _load_tap(taps_ptr, s, D, DV, BD: tl.constexpr, BV: tl.constexpr):
+        offs_d = tl.arange(0, BD)
+        offs_j = tl.arange(0, BV)
+        mask = (offs_d < D)[:, None] & (offs_j < DV)[None, :]
+        return tl.load(taps_ptr + s * D * DV + offs_d[:, None] * DV + offs_j[None, :], mask=mask, other=0.0)
+
+    @triton.jit
     def _apply(x, kh, v, beta, ERASE: tl.constexpr):
         # X' = X + β k̂ eᵀ with e = v − k̂ᵀX (or e = v without erase), for R rows at once
         if ERASE:
@@ -156,38 +172,36 @@ if triton is not None:
             e = v
         return x + (beta[:, None] * kh)[:, :, None] * e[:, None, :], e
 
-    @triton.autotune(configs=_CONFIGS, key=["D", "DV"])
+    @triton.autotune(configs=_CONFIGS, key=["D", "DV", "S"])
     @triton.jit
     def _forward_kernel(
-        x_ptr, k_ptr, v_ptr, b_ptr, mix_ptr, out_ptr, xc_ptr, N, D, DV, eps2,
-        R: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, ERASE: tl.constexpr, MIX: tl.constexpr,
+        x_ptr, k_ptr, v_ptr, b_ptr, taps_ptr, out_ptr, reads_ptr, N, D, DV, eps2,
+        R: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, ERASE: tl.constexpr, S: tl.constexpr,
     ):  # fmt: skip
         rows = tl.program_id(0).to(tl.int64) * R + tl.arange(0, R)
         kh, _, v, beta = _load_edit(k_ptr, v_ptr, b_ptr, rows, N, D, DV, eps2, BD, BV)
         new, _ = _apply(_load_state(x_ptr, rows, N, D, DV, BD, BV), kh, v, beta, ERASE)
         new = new.to(out_ptr.dtype.element_ty)  # rounded once (a no-op for an fp32 state)
         tl.store(out_ptr + _tile(rows, D, DV, BD, BV), new, mask=_mask(rows, N, D, DV, BD, BV))
-        if MIX:
-            offs_d = tl.arange(0, BD)
-            offs_j = tl.arange(0, BV)
-            mask_m = (offs_d < D)[:, None] & (offs_j < DV)[None, :]
-            mix = tl.load(mix_ptr + offs_d[:, None] * DV + offs_j[None, :], mask=mask_m, other=0.0)
-            mask_c = (rows < N)[:, None] & (offs_d < D)[None, :]
-            xc = tl.sum(new.to(tl.float32) * mix[None, :, :], axis=2)  # from the state as stored
-            tl.store(xc_ptr + rows[:, None] * D + offs_d[None, :], xc, mask=mask_c)
+        offs_d = tl.arange(0, BD)
+        mask_c = (rows < N)[:, None] & (offs_d < D)[None, :]
+        for s in tl.static_range(S):  # the compression's reads, of the state as stored
+            tap = _load_tap(taps_ptr, s, D, DV, BD, BV)
+            read = tl.sum(new.to(tl.float32) * tap[None, :, :], axis=2)
+            tl.store(reads_ptr + (rows[:, None] * S + s) * D + offs_d[None, :], read, mask=mask_c)
 
-    @triton.autotune(configs=_CONFIGS, key=["D", "DV"])
+    @triton.autotune(configs=_CONFIGS, key=["D", "DV", "S"])
     @triton.jit
     def _backward_kernel(
-        x_ptr, k_ptr, v_ptr, b_ptr, mix_ptr, gnew_ptr, gxc_ptr,
+        x_ptr, k_ptr, v_ptr, b_ptr, taps_ptr, gnew_ptr, greads_ptr,
         px_ptr, pk_ptr, pv_ptr, pb_ptr,
         gx_ptr, gk_ptr, gv_ptr, gb_ptr, e_ptr,
         N, D, DV, eps2,
         R: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
-        ERASE: tl.constexpr, MIX: tl.constexpr, CHAIN: tl.constexpr,
+        ERASE: tl.constexpr, S: tl.constexpr, CHAIN: tl.constexpr,
     ):  # fmt: skip
-        # a loop over 16 rows per program (to sum ∂mix in the kernel) took 1.3x as long in
-        # all on the H100; ∂mix is summed outside
+        # a loop over 16 rows per program (to sum ∂taps in the kernel) took 1.3x as long in
+        # all on the H100; ∂taps is summed outside
         rows = tl.program_id(0).to(tl.int64) * R + tl.arange(0, R)
         offs_d = tl.arange(0, BD)
         offs_j = tl.arange(0, BV)
@@ -205,11 +219,10 @@ if triton is not None:
         kh, inv, v, beta = _load_edit(k_ptr, v_ptr, b_ptr, rows, N, D, DV, eps2, BD, BV)
         _, e = _apply(x, kh, v, beta, ERASE)
         G = tl.load(gnew_ptr + tile, mask=mask, other=0.0).to(tl.float32)
-        if MIX:
-            gxc = tl.load(gxc_ptr + rows[:, None] * D + offs_d[None, :], mask=mask_k, other=0.0)
-            mask_m = (offs_d < D)[:, None] & (offs_j < DV)[None, :]
-            mix = tl.load(mix_ptr + offs_d[:, None] * DV + offs_j[None, :], mask=mask_m, other=0.0)
-            G += gxc[:, :, None] * mix[None, :, :]
+        for s in tl.static_range(S):
+            gread = tl.load(greads_ptr + (rows[:, None] * S + s) * D + offs_d[None, :], mask=mask_k, other=0.0)
+            G += gread[:, :, None] * _load_tap(taps_ptr, s, D, DV, BD, BV)[None, :, :]
+        if S > 0:  # for ∂taps, summed outside
             tl.store(e_ptr + rows[:, None] * DV + offs_j[None, :], e, mask=mask_v)
         g = tl.sum(kh[:, :, None] * G, axis=1)
         tl.store(gv_ptr + rows[:, None] * DV + offs_j[None, :], beta[:, None] * g, mask=mask_v)
@@ -245,7 +258,7 @@ def _update_op(
     k: Tensor,
     v: Tensor,
     beta: Tensor,
-    mix: Tensor | None,
+    taps: Tensor | None,
     prev_state: Tensor | None,
     prev_k: Tensor | None,
     prev_v: Tensor | None,
@@ -253,19 +266,20 @@ def _update_op(
     k_eps: float,
     erase: bool,
 ) -> tuple[Tensor, Tensor]:
-    """(X', the cc compression of X' or an empty tensor). The prev_* inputs are only kept
-    for the backward (to recompute ``state``)."""
+    """(X', the taps' reads of X' (N, S, d) or an empty tensor). The prev_* inputs are only
+    kept for the backward (to recompute ``state``)."""
     if not _use_triton(state):
-        return _forward_formulas(state, k, v, beta, mix, k_eps, erase)
+        return _forward_formulas(state, k, v, beta, taps, k_eps, erase)
     N, D, DV = state.shape
     BD, BV = _blocks(D, DV)
+    S = taps.shape[0] if taps is not None else 0
     new = torch.empty_like(state)
-    xc = v.new_empty((N, D) if mix is not None else (0,))
+    reads = v.new_empty((N, S, D) if S else (0,))
     torch.library.wrap_triton(_forward_kernel)[lambda meta: (triton.cdiv(N, meta["R"]),)](
-        state, k, v, beta, mix if mix is not None else state, new, xc, N, D, DV, k_eps**2,
-        BD=BD, BV=BV, ERASE=erase, MIX=mix is not None,
+        state, k, v, beta, taps if S else state, new, reads, N, D, DV, k_eps**2,
+        BD=BD, BV=BV, ERASE=erase, S=S,
     )  # fmt: skip
-    return new, xc
+    return new, reads
 
 
 @_define("deepdelta::ddl_update_backward", mutates_args=())
@@ -274,9 +288,9 @@ def _backward_op(
     k: Tensor,
     v: Tensor,
     beta: Tensor,
-    mix: Tensor | None,
+    taps: Tensor | None,
     grad_new: Tensor,
-    grad_xc: Tensor | None,
+    grad_reads: Tensor | None,
     prev_state: Tensor | None,
     prev_k: Tensor | None,
     prev_v: Tensor | None,
@@ -284,53 +298,51 @@ def _backward_op(
     k_eps: float,
     erase: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(∂state, ∂k, ∂v, ∂β, ∂mix or an empty tensor)."""
+    """(∂state, ∂k, ∂v, ∂β, ∂taps or an empty tensor)."""
     chain = prev_state is not None
+
+    def state_in() -> Tensor:  # saved, or recomputed from the previous edit (the kernel does this per row)
+        return _forward_formulas(prev_state, prev_k, prev_v, prev_beta, None, k_eps, erase)[0] if chain else state
+
     ref = prev_state if chain else state
     if not _use_triton(ref):
-        if chain:
-            state = _forward_formulas(prev_state, prev_k, prev_v, prev_beta, None, k_eps, erase)[0]
-        gx, gk, gv, gb, gmix = _backward_formulas(state, k, v, beta, mix, grad_new, grad_xc, k_eps, erase)
+        gx, gk, gv, gb, gtaps = _backward_formulas(state_in(), k, v, beta, taps, grad_new, grad_reads, k_eps, erase)
         gx = gx.clone() if gx is grad_new else gx  # an op's output may not alias its input
-        return gx, gk, gv, gb, gmix if gmix is not None else v.new_empty(0)
+        return gx, gk, gv, gb, gtaps if gtaps is not None else v.new_empty(0)
     N, D, DV = ref.shape
     BD, BV = _blocks(D, DV)
+    S = taps.shape[0] if taps is not None else 0
     gx = torch.empty_like(ref)
     gk = torch.empty_like(k)
     gv = torch.empty_like(v)
     gb = torch.empty_like(beta)
-    e = v.new_empty((N, DV) if mix is not None else (0,))
+    e = v.new_empty((N, DV) if S else (0,))
     torch.library.wrap_triton(_backward_kernel)[lambda meta: (triton.cdiv(N, meta["R"]),)](
-        ref, k, v, beta, mix if mix is not None else ref, grad_new.contiguous(),
-        grad_xc.contiguous() if grad_xc is not None else k,
+        ref, k, v, beta, taps if S else ref, grad_new.contiguous(),
+        grad_reads.contiguous() if S else k,
         ref, prev_k if chain else k, prev_v if chain else v, prev_beta if chain else beta,
         gx, gk, gv, gb, e, N, D, DV, k_eps**2,
-        BD=BD, BV=BV, ERASE=erase, MIX=mix is not None, CHAIN=chain,
+        BD=BD, BV=BV, ERASE=erase, S=S, CHAIN=chain,
     )  # fmt: skip
-    if mix is None:
+    if not S:
         return gx, gk, gv, gb, e
-    # ∂mix = Σ_n grad_xc ⊗ X', X' = X + β k̂ eᵀ: a column sum of the input state (fused into
-    # one reduction under torch.compile) plus a (d × N)(N × dv) product
-    if chain:
-        state = _forward_formulas(prev_state, prev_k, prev_v, prev_beta, None, k_eps, erase)[0]
-    kh = _key(k, torch.float32, k_eps)[0]
-    gmix = (grad_xc[..., None] * state.float()).sum(0) + (grad_xc * beta[:, None] * kh).T @ e
-    return gx, gk, gv, gb, gmix
+    scaled_key = beta[:, None] * _key(k, torch.float32, k_eps)[0]
+    return gx, gk, gv, gb, _grad_taps(grad_reads, state_in(), scaled_key, e)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    state, k, v, beta, mix, prev_state, prev_k, prev_v, prev_beta, k_eps, erase = inputs
+    state, k, v, beta, taps, prev_state, prev_k, prev_v, prev_beta, k_eps, erase = inputs
     ctx.k_eps, ctx.erase, ctx.chain = k_eps, erase, prev_state is not None
-    ctx.save_for_backward(None if ctx.chain else state, k, v, beta, mix, prev_state, prev_k, prev_v, prev_beta)
+    ctx.save_for_backward(None if ctx.chain else state, k, v, beta, taps, prev_state, prev_k, prev_v, prev_beta)
 
 
-def _backward(ctx, grad_new: Tensor, grad_xc: Tensor):
-    state, k, v, beta, mix, prev_state, prev_k, prev_v, prev_beta = ctx.saved_tensors
-    gx, gk, gv, gb, gmix = _backward_op(
-        state, k, v, beta, mix, grad_new, grad_xc if mix is not None else None,
+def _backward(ctx, grad_new: Tensor, grad_reads: Tensor):
+    state, k, v, beta, taps, prev_state, prev_k, prev_v, prev_beta = ctx.saved_tensors
+    gx, gk, gv, gb, gtaps = _backward_op(
+        state, k, v, beta, taps, grad_new, grad_reads if taps is not None else None,
         prev_state, prev_k, prev_v, prev_beta, ctx.k_eps, ctx.erase,
     )  # fmt: skip
-    return gx, gk, gv, gb, gmix if mix is not None else None, None, None, None, None, None, None
+    return gx, gk, gv, gb, gtaps if taps is not None else None, None, None, None, None, None, None
 
 
 _update_op.register_autograd(_backward, setup_context=_setup_context)
@@ -343,11 +355,12 @@ def update(
     beta: Tensor,
     k_eps: float = 1e-5,
     erase: bool = True,
-    mix: Tensor | None = None,
+    taps: Tensor | None = None,
     prev: Edit | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """X' = the DDL update (``erase=True``) or the write-only update of ``state`` (..., d, dv),
-    and, with ``mix`` (d, dv), the `cc` compression Σ_j mix⊙X' (..., d) of the new state.
+    and, with ``taps`` (S, d, dv), the reads Σ_j taps[s]⊙X' (..., S, d) of the new state
+    (``Compress.combine`` makes the compression from them).
 
     ``prev`` names the update whose output ``state`` is; the backward then recomputes
     ``state`` from it instead of keeping it (``state`` must equal that update's output).
@@ -361,6 +374,6 @@ def update(
         return [t.contiguous() for t in rows]
 
     before = flat(prev) if prev is not None else [None] * 4
-    mix = mix.to(dtype).contiguous() if mix is not None else None
-    new, xc = _update_op(*flat(Edit(state, k, v, beta)), mix, *before, k_eps, erase)
-    return new.view(*lead, d, dv), (xc.view(*lead, d) if mix is not None else None)
+    taps = taps.to(dtype).contiguous() if taps is not None else None
+    new, reads = _update_op(*flat(Edit(state, k, v, beta)), taps, *before, k_eps, erase)
+    return new.view(*lead, d, dv), (reads.view(*lead, -1, d) if taps is not None else None)

@@ -6,7 +6,7 @@ call the update in `ops`. When `record` is on, the rule keeps the last forward's
 k̂ and e_pre = k̂ᵀX − vᵀ (detached); when off it costs nothing.
 
 The update itself runs either as the ops (``kernel=plain``) or as one fused kernel
-(``model/fused.py``), which can also return the next `cc` compression of the new state
+(``model/fused.py``), which can also make the next compression's reads of the new state
 and recompute its input from the previous update in the backward instead of keeping it.
 """
 
@@ -106,10 +106,14 @@ class ResidualRule(nn.Module):
             update = ops.delta_update if erase else ops.write_only_update
             new = update(state, k, v, beta, cfg.k_eps)
             return new, compress(new) if compress is not None else None, None
-        mix = compress.mix if compress is not None and compress.kind == "cc" else None
-        new, x_next = fused.update(state, k, v, beta, cfg.k_eps, erase, mix=mix, prev=prev)
-        if compress is not None and mix is None:
+        taps = compress.taps() if compress is not None else None
+        new, reads = fused.update(state, k, v, beta, cfg.k_eps, erase, taps=taps, prev=prev)
+        if compress is None:
+            x_next = None
+        elif taps is None:
             x_next = compress(new)
+        else:  # the kernel read the new state for each tap; shift and sum the reads
+            x_next = compress.combine(reads.unbind(-2))
         return new, x_next, fused.Edit(state, k, v, beta)
 
     @torch.no_grad()

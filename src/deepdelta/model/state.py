@@ -7,6 +7,8 @@ compiles to one fused kernel.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -29,18 +31,6 @@ def causal_token_conv(x: Tensor, weight: Tensor) -> Tensor:
 def _shift(x: Tensor, s: int) -> Tensor:
     """``x[:, t - s]`` along the token axis, zeros for t < s."""
     return F.pad(x[:, : x.shape[1] - s], (0, 0) * (x.dim() - 2) + (s, 0)) if s else x
-
-
-def causal_conv_read(state: Tensor, taps: Tensor) -> Tensor:
-    """y[:, t, i] = Σ_s Σ_j taps[i, j, K-1-s] · state[:, t-s, i, j]: a causal depthwise token
-    convolution of the state followed by a sum over its value channels.
-
-    Each tap is read from the state at its own token first, and the (B, T, d) results are
-    shifted, not the (B, T, d, dv) state: the backward pass then keeps the state itself
-    (shared by the K products) instead of K shifted copies of it, which made `tc` at dv=4
-    need 2.9× the additive peak memory (docs/benchmarks.md), and it reads the state once."""
-    K = taps.shape[-1]
-    return sum(_shift((state * taps[..., K - 1 - s]).sum(-1), s) for s in range(min(K, state.shape[1])))
 
 
 def identity_kernel(*shape: int, K: int) -> Tensor:
@@ -67,7 +57,17 @@ class Expand(nn.Module):
 
 
 class Compress(nn.Module):
-    """State (B, T, d, dv) → x_in (B, T, d): `cc` channel mixing or `tc` token conv + read."""
+    """State (B, T, d, dv) → x_in (B, T, d): `cc` channel mixing or `tc` token conv + read.
+
+    Both are sums of per-token reads of the state: x_in[t] = Σ_s Σ_j taps[s]⊙X[t−s] over
+    S taps (`taps()`), one for `cc` (the mix) and conv_kernel for `tc` (the convolution
+    weights times the read, which are linear, so they are one depthwise convolution). Each
+    tap reads the state at its own token and the (B, T, d) reads are shifted (`combine`),
+    not the (B, T, d, dv) state: the backward keeps the state itself instead of K shifted
+    copies (with those, `tc` at dv=4 needed 2.9× the additive peak memory,
+    docs/benchmarks.md). The fused update kernel makes the same reads where it writes the
+    state, and `combine` finishes them.
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -79,12 +79,25 @@ class Compress(nn.Module):
             self.weight = nn.Parameter(identity_kernel(cfg.d_model, cfg.dv, K=cfg.conv_kernel))
             self.read = nn.Parameter(torch.full((cfg.dv,), 1.0 / cfg.dv))
 
-    def forward(self, state: Tensor) -> Tensor:
+    def taps(self) -> Tensor | None:
+        """(S, d, dv): tap s reads the state s tokens back. None for `none` (dv=1)."""
         if self.kind == "cc":
-            return (state * self.mix).sum(-1)
-        if self.kind == "tc":
-            # The convolution and the read are linear, so they are one depthwise convolution
-            # with taps weight·read summed over the channels: no (B, T, d, dv) intermediate,
-            # and only the state itself is kept for the backward pass.
-            return causal_conv_read(state, self.weight * self.read[:, None])
-        return ops.at_least_fp32(state[..., 0])  # a bf16-stored state is read in fp32
+            return self.mix[None]
+        if self.kind == "tc":  # the kernel's last entry multiplies the current token
+            return (self.weight * self.read[:, None]).flip(-1).movedim(-1, 0)
+        return None
+
+    @staticmethod
+    def combine(reads: Sequence[Tensor]) -> Tensor:
+        """x_in (B, T, d) from the taps' reads (B, T, d) of each token's own state, tap s
+        shifted s tokens later (taps beyond T read nothing)."""
+        out = reads[0]
+        for s in range(1, min(len(reads), out.shape[1])):
+            out = out + _shift(reads[s], s)
+        return out
+
+    def forward(self, state: Tensor) -> Tensor:
+        taps = self.taps()
+        if taps is None:
+            return ops.at_least_fp32(state[..., 0])  # a bf16-stored state is read in fp32
+        return self.combine([(state * tap).sum(-1) for tap in taps[: state.shape[1]]])
