@@ -109,6 +109,9 @@ def make_train_step(
     params = [p for p in model.parameters() if p.requires_grad]
 
     def step(idx: Tensor, targets: Tensor) -> Tensor:
+        # with CUDA graphs (compile mode "reduce-overhead") a step's graphs reuse the last
+        # step's output memory: mark the new step, and return a copy of the loss
+        torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext():
             loss = loss_fn(idx, targets)
         loss.backward()
@@ -116,6 +119,6 @@ def make_train_step(
             torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=device.type == "cuda")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
+        return loss.detach().clone()
 
     return step
