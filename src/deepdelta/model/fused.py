@@ -125,6 +125,9 @@ if triton is not None:
         _SHAPES = ((2, 4),)
     _CONFIGS = [triton.Config({"R": r}, num_warps=w) for r, w in _SHAPES]
 
+    # Pointers arrive offset to the program's first row, ``rows`` is tl.arange(0, R) and
+    # ``N`` the rows left from there: the per-element offsets stay 32-bit (fewer registers).
+
     @triton.jit
     def _load_edit(k_ptr, v_ptr, b_ptr, rows, N, D, DV, eps2, BD: tl.constexpr, BV: tl.constexpr):
         """R rows' edit: k̂ (R, BD), 1/sqrt(‖k‖² + ε²) (R,), v (R, BV), β (R,)."""
@@ -178,7 +181,14 @@ if triton is not None:
         x_ptr, k_ptr, v_ptr, b_ptr, taps_ptr, out_ptr, reads_ptr, N, D, DV, eps2,
         R: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, ERASE: tl.constexpr, S: tl.constexpr,
     ):  # fmt: skip
-        rows = tl.program_id(0).to(tl.int64) * R + tl.arange(0, R)
+        first = tl.program_id(0).to(tl.int64) * R
+        rows, N = tl.arange(0, R), N - first
+        x_ptr += first * D * DV
+        out_ptr += first * D * DV
+        k_ptr += first * D
+        v_ptr += first * DV
+        b_ptr += first
+        reads_ptr += first * S * D
         kh, _, v, beta = _load_edit(k_ptr, v_ptr, b_ptr, rows, N, D, DV, eps2, BD, BV)
         new, _ = _apply(_load_state(x_ptr, rows, N, D, DV, BD, BV), kh, v, beta, ERASE)
         new = new.to(out_ptr.dtype.element_ty)  # rounded once (a no-op for an fp32 state)
@@ -202,7 +212,23 @@ if triton is not None:
     ):  # fmt: skip
         # a loop over 16 rows per program (to sum ∂taps in the kernel) took 1.3x as long in
         # all on the H100; ∂taps is summed outside
-        rows = tl.program_id(0).to(tl.int64) * R + tl.arange(0, R)
+        first = tl.program_id(0).to(tl.int64) * R
+        rows, N = tl.arange(0, R), N - first
+        x_ptr += first * D * DV
+        px_ptr += first * D * DV
+        gnew_ptr += first * D * DV
+        gx_ptr += first * D * DV
+        k_ptr += first * D
+        pk_ptr += first * D
+        gk_ptr += first * D
+        greads_ptr += first * S * D
+        v_ptr += first * DV
+        pv_ptr += first * DV
+        gv_ptr += first * DV
+        e_ptr += first * DV
+        b_ptr += first
+        pb_ptr += first
+        gb_ptr += first
         offs_d = tl.arange(0, BD)
         offs_j = tl.arange(0, BV)
         mask_r = rows < N
