@@ -200,16 +200,16 @@ def test_triton_update_matches_ops_gpu(dv, erase, chain, state_dtype, n_taps):
 
     x0, k0 = r(n, d, dv, dtype=state_dtype), r(n, d, dtype=torch.bfloat16)
     v0, b0 = r(n, dv), 2 * torch.rand(n, device="cuda")
-    state = rule(x0, k0.float(), v0, b0).requires_grad_()
+    mid, _, edit = fused.update(x0, k0, v0, b0, erase=erase)  # the previous update, in Triton
+    assert rel(mid, rule(x0, k0.float(), v0, b0)) < (4e-3 if bf16_state else 1e-6)
+    state = mid.requires_grad_()
     k = r(n, d, dtype=torch.bfloat16).requires_grad_()
     v, beta = r(n, dv).requires_grad_(), (2 * torch.rand(n, device="cuda")).requires_grad_()
     taps = r(n_taps, d, dv).requires_grad_()
     g_new, g_reads = r(n, d, dv, dtype=state_dtype).float(), r(n, n_taps, d)  # ∂X' as autograd passes it
     leaves = [state, k, v, beta, taps]
 
-    new, reads = fused.update(
-        state, k, v, beta, erase=erase, taps=taps, prev=fused.Edit(x0, k0, v0, b0) if chain else None
-    )
+    new, reads, _ = fused.update(state, k, v, beta, erase=erase, taps=taps, prev=edit if chain else None)
     assert new.dtype == state_dtype and reads.dtype == torch.float32
     got = torch.autograd.grad((new * g_new).sum() + (reads * g_reads).sum(), leaves)
     leaves64 = [t.detach().double().requires_grad_() for t in leaves]

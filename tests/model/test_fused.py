@@ -43,7 +43,9 @@ def reads(state, taps):
 def test_forward_and_backward_match_autograd_of_ops(erase, n_taps, chain, dv):
     rule = ops.delta_update if erase else ops.write_only_update
     x0, k0, v0, b0 = inputs(dv, seed=1)
-    state = rule(x0, k0, v0, b0).requires_grad_()  # the previous update's output
+    mid, _, edit = fused.update(x0, k0, v0, b0, erase=erase)  # the previous update
+    assert torch.equal(mid, rule(x0, k0, v0, b0))
+    state = mid.requires_grad_()
     k, v, beta = (t.requires_grad_() for t in inputs(dv, seed=2)[1:])
     taps = torch.randn(n_taps, D, dv, dtype=F64, requires_grad=True) if n_taps else None
     leaves = [state, k, v, beta] + ([taps] if n_taps else [])
@@ -53,8 +55,7 @@ def test_forward_and_backward_match_autograd_of_ops(erase, n_taps, chain, dv):
     want_loss = (want_new * g_new).sum() + ((reads(want_new, taps) * g_reads).sum() if n_taps else 0)
     want = torch.autograd.grad(want_loss, leaves)
 
-    prev = fused.Edit(x0, k0, v0, b0) if chain else None
-    new, got_reads = fused.update(state, k, v, beta, erase=erase, taps=taps, prev=prev)
+    new, got_reads, _ = fused.update(state, k, v, beta, erase=erase, taps=taps, prev=edit if chain else None)
     assert (got_reads is None) == (taps is None)
     got = torch.autograd.grad((new * g_new).sum() + ((got_reads * g_reads).sum() if n_taps else 0), leaves)
 
@@ -70,7 +71,7 @@ def test_batched_shapes_and_bf16_key():
     state = torch.randn(2, 3, D, 4, requires_grad=True)
     k = torch.randn(2, 3, D, dtype=torch.bfloat16, requires_grad=True)
     v, beta = torch.randn(2, 3, 4, requires_grad=True), torch.rand(2, 3, requires_grad=True)
-    new, got_reads = fused.update(state, k, v, beta, taps=torch.full((2, D, 4), 0.25))
+    new, got_reads, _ = fused.update(state, k, v, beta, taps=torch.full((2, D, 4), 0.25))
     assert new.shape == state.shape and got_reads.shape == (2, 3, 2, D)
     assert_close(new, ops.delta_update(state, k.float(), v, beta), rtol=1e-6, atol=1e-6)
     new.sum().backward()
@@ -80,7 +81,7 @@ def test_batched_shapes_and_bf16_key():
 @pytest.mark.parametrize("erase", [True, False])
 def test_identity_at_beta_zero(erase):
     x, k, v, _ = inputs(4)
-    new, _ = fused.update(x, k, v, torch.zeros(N, dtype=F64), erase=erase)
+    new, _, _ = fused.update(x, k, v, torch.zeros(N, dtype=F64), erase=erase)
     assert torch.equal(new, x)
 
 
@@ -88,11 +89,22 @@ def test_exact_overwrite_and_contraction():
     """β=1: k̂ᵀX' = vᵀ; any β: e_post = (1−β)·e_pre (spec, exact properties)."""
     x, k, v, beta = inputs(4)
     kh = ops.normalize_key(k)
-    new, _ = fused.update(x, k, v, torch.ones(N, dtype=F64))
+    new, _, _ = fused.update(x, k, v, torch.ones(N, dtype=F64))
     assert_close(ops.read(new, kh), v, rtol=1e-10, atol=1e-10)
-    new, _ = fused.update(x, k, v, beta)
+    new, _, _ = fused.update(x, k, v, beta)
     e_pre, e_post = ops.read(x, kh) - v, ops.read(new, kh) - v
     assert_close(e_post, (1 - beta)[:, None] * e_pre, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("erase", [True, False], ids=["ddl", "write_only"])
+def test_the_edit_keeps_what_the_backward_needs(erase):
+    """The update's Edit: its input rows, e = v − k̂ᵀX (−e_pre; v without erase) and
+    1/sqrt(‖k‖² + ε²), so the backward finds them without a reduction over d."""
+    x, k, v, beta = inputs(3)
+    _, _, edit = fused.update(x, k, v, beta, erase=erase)
+    assert torch.equal(edit.state, x) and torch.equal(edit.k, k) and torch.equal(edit.beta, beta)
+    assert_close(edit.e, -ops.discrepancy(x, k, v) if erase else v, rtol=1e-12, atol=1e-12)
+    assert_close(edit.inv, 1 / torch.sqrt((k * k).sum(-1) + 1e-10), rtol=1e-12, atol=0)
 
 
 VARIANTS = {
@@ -163,15 +175,16 @@ def test_bf16_state_matches_ops(erase, chain):
     rule = ops.delta_update if erase else ops.write_only_update
     x0, k0, v0, b0 = inputs(4, seed=1, dtype=torch.float32)
     x0 = x0.bfloat16()
-    state = rule(x0, k0, v0, b0).requires_grad_()
+    mid, _, edit = fused.update(x0, k0, v0, b0, erase=erase)  # the previous update
+    assert torch.equal(mid, rule(x0, k0, v0, b0))
+    state = mid.requires_grad_()
     assert state.dtype == torch.bfloat16
     k, v, beta = (t.requires_grad_() for t in inputs(4, seed=2, dtype=torch.float32)[1:])
     taps = torch.randn(2, D, 4, requires_grad=True)
     leaves = [state, k, v, beta, taps]
     g_new, g_reads = torch.randn(N, D, 4).bfloat16(), torch.randn(N, 2, D)
 
-    prev = fused.Edit(x0, k0, v0, b0) if chain else None
-    new, got_reads = fused.update(state, k, v, beta, erase=erase, taps=taps, prev=prev)
+    new, got_reads, _ = fused.update(state, k, v, beta, erase=erase, taps=taps, prev=edit if chain else None)
     assert new.dtype == torch.bfloat16 and got_reads.dtype == torch.float32
     with torch.no_grad():
         stored = rule(state, k, v, beta)
@@ -192,5 +205,5 @@ def test_bf16_state_matches_ops(erase, chain):
 def test_bf16_state_identity_at_beta_zero():
     x, k, v, _ = inputs(4, dtype=torch.float32)
     x = x.bfloat16()
-    new, _ = fused.update(x, k, v, torch.zeros(N))
+    new, _, _ = fused.update(x, k, v, torch.zeros(N))
     assert torch.equal(new, x)

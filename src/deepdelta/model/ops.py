@@ -46,7 +46,7 @@ def read(state: Tensor, k_hat: Tensor) -> Tensor:
     return (k_hat.to(state.dtype)[..., :, None] * state).sum(-2)
 
 
-def _write(state: Tensor, direction: Tensor, value: Tensor) -> Tensor:
+def write(state: Tensor, direction: Tensor, value: Tensor) -> Tensor:
     """X + direction ⊗ value, ``direction`` (..., d), ``value`` (..., dv)."""
     return state + direction[..., :, None] * value[..., None, :]
 
@@ -64,11 +64,11 @@ def delta_update(state: Tensor, k: Tensor, v: Tensor, beta: Tensor, k_eps: float
     x = at_least_fp32(state)
     k_hat = normalize_key(k, k_eps).to(x.dtype)
     error = v.to(x.dtype) - read(x, k_hat)
-    return _write(x, beta.to(x.dtype)[..., None] * k_hat, error).to(state.dtype)
+    return write(x, beta.to(x.dtype)[..., None] * k_hat, error).to(state.dtype)
 
 
 def write_only_update(state: Tensor, k: Tensor, v: Tensor, beta: Tensor, k_eps: float = 1e-5) -> Tensor:
     """X + β·k̂vᵀ: the same write with no erase term (the paper's missing control)."""
     x = at_least_fp32(state)
     k_hat = normalize_key(k, k_eps).to(x.dtype)
-    return _write(x, beta.to(x.dtype)[..., None] * k_hat, v.to(x.dtype)).to(state.dtype)
+    return write(x, beta.to(x.dtype)[..., None] * k_hat, v.to(x.dtype)).to(state.dtype)

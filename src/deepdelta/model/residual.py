@@ -107,14 +107,14 @@ class ResidualRule(nn.Module):
             new = update(state, k, v, beta, cfg.k_eps)
             return new, compress(new) if compress is not None else None, None
         taps = compress.taps() if compress is not None else None
-        new, reads = fused.update(state, k, v, beta, cfg.k_eps, erase, taps=taps, prev=prev)
+        new, reads, edit = fused.update(state, k, v, beta, cfg.k_eps, erase, taps=taps, prev=prev)
         if compress is None:
             x_next = None
         elif taps is None:
             x_next = compress(new)
         else:  # the kernel read the new state for each tap; shift and sum the reads
             x_next = compress.combine(reads.unbind(-2))
-        return new, x_next, fused.Edit(state, k, v, beta)
+        return new, x_next, edit
 
     @torch.no_grad()
     def _record(self, state: Tensor, k: Tensor, v: Tensor, beta: Tensor) -> None:
