@@ -10,8 +10,9 @@ tests compare them with autograd through ``ops``).
 
 The forward also returns its per-row results e = v − k̂ᵀX and 1/sqrt(‖k‖² + ε²) (dv + 1
 numbers a row, kept in an ``Edit``), so the backward needs no reduction over d to find
-them again: of the six block-wide reductions a row's backward had, two remain (with
-registers, the reductions limit these kernels; docs/benchmarks.md).
+them again: of the six block-wide reductions a row's backward had, two remain. Nsight
+Compute found these kernels bound by latency, not bandwidth (up to 255 registers a thread,
+12.5–25% occupancy, DRAM at 30–55% of its peak); docs/benchmarks.md has the measurements.
 
 Memory: the op saves its input state, not its output. With ``prev`` (the ``Edit`` of the
 update that produced ``state``), it saves no state of its own and recomputes ``state``

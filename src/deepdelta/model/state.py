@@ -97,7 +97,9 @@ class Compress(nn.Module):
         return out
 
     def forward(self, state: Tensor) -> Tensor:
-        taps = self.taps()
-        if taps is None:
-            return ops.at_least_fp32(state[..., 0])  # a bf16-stored state is read in fp32
-        return self.combine([(state * tap).sum(-1) for tap in taps[: state.shape[1]]])
+        if self.kind == "cc":  # its one tap, written directly: through taps()[0] the compiled
+            # blocks needed 0.56 GiB more at dv=4 on the H100, one (B, T, d) fp32 tensor each
+            return (state * self.mix).sum(-1)
+        if self.kind == "tc":
+            return self.combine([(state * tap).sum(-1) for tap in self.taps()[: state.shape[1]]])
+        return ops.at_least_fp32(state[..., 0])  # a bf16-stored state is read in fp32
