@@ -12,7 +12,7 @@ The forward also returns its per-row results e = v − k̂ᵀX and 1/sqrt(‖k�
 numbers a row, kept in an ``Edit``), so the backward needs no reduction over d to find
 them again: of the six block-wide reductions a row's backward had, two remain. Nsight
 Compute found these kernels bound by latency, not bandwidth (up to 255 registers a thread,
-12.5–25% occupancy, DRAM at 30–55% of its peak); docs/benchmarks.md has the measurements.
+12.5–25% occupancy, DRAM at 28–55% of its peak); docs/benchmarks.md has the measurements.
 
 Memory: the op saves its input state, not its output. With ``prev`` (the ``Edit`` of the
 update that produced ``state``), it saves no state of its own and recomputes ``state``
@@ -234,11 +234,11 @@ if triton is not None:
         # all on the H100; ∂taps is summed outside
         first = tl.program_id(0).to(tl.int64) * R
         rows, N = tl.arange(0, R), N - first
-        for_rows = first * D * DV
-        x_ptr += for_rows
-        px_ptr += for_rows
-        gnew_ptr += for_rows
-        gx_ptr += for_rows
+        state_offset = first * D * DV
+        x_ptr += state_offset
+        px_ptr += state_offset
+        gnew_ptr += state_offset
+        gx_ptr += state_offset
         k_ptr += first * D
         pk_ptr += first * D
         gk_ptr += first * D
