@@ -46,14 +46,15 @@ class ModelConfig:
     k_eps: float = 1e-5
     # how the update runs (the same function): `plain` the ops of model/ops.py, which
     # torch.compile fuses with their neighbours; `fused` one hand-written Triton kernel per
-    # update (model/fused.py): 1-5% faster at dv > 1 on an H100, slower at dv = 1, more memory
-    # (docs/benchmarks.md)
+    # update (model/fused.py): on an H100 about 6% faster with `cc` at dv = 2 and 4 (5% more
+    # memory), as fast with `tc`, slower at dv = 1 (docs/benchmarks.md)
     kernel: str = "plain"
     # storage of the state X between sublayers. float32: the parameters' precision (fp32, or
     # fp64 for an fp64 model). bfloat16: the state and its gradient are stored in bf16 and every
     # update is computed in fp32 and rounded once (as Megatron-LM keeps its residual stream
     # unless --fp32-residual-connection). With kernel=fused the saved states halve (dv=4 on an
-    # H100: 1.33x -> 1.19x the additive peak memory); with the plain ops it needs more memory.
+    # H100: 1.33x -> 1.19x the additive peak memory, and 0.63x -> 0.68x the additive tok/s);
+    # with the plain ops it needs more memory.
     # A numerics choice: the residual stream is rounded to bf16 (docs/benchmarks.md)
     state_dtype: str = "float32"
     # backbone
