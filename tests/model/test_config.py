@@ -7,12 +7,27 @@ import pytest
 from deepdelta.model import ModelConfig
 
 
-def test_defaults_follow_the_paper_text():
+def test_defaults_follow_the_authors_code():
     cfg = ModelConfig()
     assert (cfg.residual, cfg.dv, cfg.map, cfg.compressor, cfg.expand) == ("ddl", 1, "k", "cc", "conv")
     assert (cfg.beta_max, cfg.beta_init, cfg.beta_hidden) == (2.0, 1.0, 0)
-    assert (cfg.value_source, cfg.value_squash) == ("context", "none")
-    assert cfg.k_eps == 1e-5 and cfg.conv_kernel == 4
+    assert cfg.impl == "reference" and cfg.k_eps == 1e-5 and cfg.conv_kernel == 4
+    assert (cfg.value_source, cfg.value_squash, cfg.value_scale) == ("state", "sigmoid", 4.0)
+    assert (cfg.qk_norm, cfg.norm_eps, cfg.compressor_init) == ("after_rope", 1e-5, "normal")
+    assert (cfg.cc_form, cfg.gate_init, cfg.value_bias_init) == ("toeplitz", "normal", "uniform")
+
+
+def test_impl_paper_follows_the_paper_text():
+    cfg = ModelConfig(impl="paper")
+    assert (cfg.value_source, cfg.value_squash, cfg.qk_norm, cfg.norm_eps) == ("context", "none", "before_rope", 1e-6)
+    assert (cfg.compressor_init, cfg.cc_form, cfg.gate_init, cfg.value_bias_init) == ("identity", "mix", "zero", "zero")
+
+
+def test_one_item_switches_alone():
+    cfg = ModelConfig(impl="reference", norm_eps=1e-6)
+    assert cfg.norm_eps == 1e-6 and cfg.value_source == "state" and cfg.qk_norm == "after_rope"
+    # a v-map reads its value from the sublayer output under either impl
+    assert ModelConfig(map="v").value_source == "context"
 
 
 @pytest.mark.parametrize(
@@ -49,6 +64,9 @@ INVALID = [
     (dict(compressor="zz"), "compressor", "'zz'", "cc | tc"),
     (dict(expand="x"), "expand", "'x'", "conv | repeat"),
     (dict(value_source="x"), "value_source", "'x'", "context | state"),
+    (dict(impl="authors"), "impl", "'authors'", "reference | paper"),
+    (dict(qk_norm="never"), "qk_norm", "'never'", "after_rope | before_rope"),
+    (dict(cc_form="dense"), "cc_form", "'dense'", "toeplitz | mix"),
     (dict(value_squash="tanh"), "value_squash", "'tanh'", "none | sigmoid"),
     (dict(beta_max=0), "beta_max", "0", "(0, 2]"),
     (dict(beta_max=-1.0), "beta_max", "-1.0", "(0, 2]"),

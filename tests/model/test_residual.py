@@ -116,7 +116,8 @@ def test_additive_adds_h_to_every_channel(tiny):
 @pytest.mark.parametrize("beta_max, beta_init", [(2.0, 1.0), (1.0, 0.5), (2.0, 0.25), (1.0, 0.9)])
 @pytest.mark.parametrize("beta_hidden", [0, 8])
 def test_gate_starts_at_beta_init(tiny, beta_max, beta_init, beta_hidden):
-    cfg = tiny(beta_max=beta_max, beta_init=beta_init, beta_hidden=beta_hidden)
+    """gate_init=zero (impl=paper): β = beta_init for every token."""
+    cfg = tiny(beta_max=beta_max, beta_init=beta_init, beta_hidden=beta_hidden, gate_init="zero")
     model = DeltaTransformer(cfg)
     gate = model.blocks[0].rule_attn.gate
     assert math.isclose(gate.bias_init, math.log(beta_init / (beta_max - beta_init)))
@@ -125,6 +126,27 @@ def test_gate_starts_at_beta_init(tiny, beta_max, beta_init, beta_hidden):
     assert_close(beta, torch.full((B, T), beta_init), atol=1e-6, rtol=0)
     if beta_hidden:  # the hidden layer is live (random), only the output layer starts at zero
         assert gate.hidden.weight.abs().sum() > 0
+
+
+def test_reference_gate_init_varies_around_beta_init(tiny):
+    """gate_init=normal (impl=reference): W_β ~ N(0, 0.5/√d) and b_β = logit(β0/β_max), so β
+    varies by token around β0 (the median logit is the bias)."""
+    torch.manual_seed(0)
+    cfg = tiny(d_model=512, n_head=4, head_dim=128, n_layer=1)
+    gate = DeltaTransformer(cfg).blocks[0].rule_attn.gate
+    assert cfg.gate_init == "normal" and gate.out.bias.item() == 0.0  # logit(1/2)
+    assert math.isclose(gate.out.weight.std().item(), 0.5 / math.sqrt(512), rel_tol=0.1)
+    beta = ops.gate(gate(torch.randn(64, 16, 512)), cfg.beta_max)
+    assert beta.std() > 0.1 and abs(beta.median().item() - 1.0) < 0.05
+
+
+def test_reference_value_bias_is_pytorchs_default_uniform(tiny):
+    torch.manual_seed(0)
+    bias = DeltaTransformer(tiny(d_model=64, n_head=2, head_dim=32, dv=4)).blocks[0].rule_mlp.value.bias
+    bound = 1 / math.sqrt(64)
+    assert bias.abs().max() <= bound and bias.abs().max() > 0
+    paper = DeltaTransformer(tiny(d_model=64, n_head=2, head_dim=32, dv=4, impl="paper"))
+    assert torch.equal(paper.blocks[0].rule_mlp.value.bias, torch.zeros(4))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, F64])

@@ -73,11 +73,34 @@ def test_dv1_has_no_compressor_parameters(tiny):
 
 def test_cc_mixes_channels_per_feature(tiny):
     """x_in[i] = Σ_j c[i, j] X[i, j] at the current token."""
-    comp = Compress(tiny(dv=3, compressor="cc")).double()
+    comp = Compress(tiny(dv=3, compressor="cc", cc_form="mix")).double()
     with torch.no_grad():
         comp.mix.copy_(torch.randn(32, 3, dtype=F64))
     state = torch.randn(2, 5, 32, 3, dtype=F64)
     assert_close(comp(state), torch.einsum("btij,ij->bti", state, comp.mix), atol=1e-13, rtol=0)
+
+
+@pytest.mark.parametrize("dv", [2, 3, 4, 5])
+def test_cc_toeplitz_is_a_same_padded_conv_over_channels_then_read(tiny, dv):
+    """The reference's cc: each feature's dv channels go through a "same"-padded
+    cross-correlation with its kernel (left pad ⌊(dv−1)/2⌋), and the read vector pools the
+    dv outputs; written out with F.conv1d, in fp64."""
+    comp = Compress(tiny(dv=dv, compressor="cc")).double()
+    g = torch.Generator().manual_seed(dv)
+    with torch.no_grad():
+        comp.weight.copy_(torch.randn(32, dv, generator=g, dtype=F64))
+        comp.read.copy_(torch.randn(dv, generator=g, dtype=F64))
+    state = torch.randn(2, 5, 32, dv, generator=g, dtype=F64)
+    left = (dv - 1) // 2
+    x = F.pad(state.reshape(-1, 32, dv), (left, dv - 1 - left))  # (BT, d, dv + K − 1)
+    conv = F.conv1d(x, comp.weight[:, None, :], groups=32)  # (BT, d, dv)
+    expected = (conv @ comp.read).reshape(2, 5, 32)
+    assert_close(comp(state), expected, atol=1e-13, rtol=0)
+    # both forms, as built (impl=paper's init), are the plain average over channels; the
+    # parameters hold 1/dv rounded to fp32 (relative error ≤ 2⁻²⁴ of |X| ≤ 5)
+    for form in ("toeplitz", "mix"):
+        fresh = Compress(tiny(dv=dv, compressor="cc", cc_form=form)).double()
+        assert_close(fresh(state), state.mean(-1), atol=1e-6, rtol=0)
 
 
 def test_tc_is_token_conv_then_read(tiny):

@@ -22,8 +22,8 @@ F64 = torch.float64
 
 def reference_forward(model: DeltaTransformer, idx: torch.Tensor) -> tuple[torch.Tensor, set[str]]:
     """A standard pre-norm Transformer written out by hand with ``model``'s weights, in
-    fp64: RMSNorm → attention (QK RMSNorm, RoPE on the two halves of each head, explicit
-    causal softmax) → add; RMSNorm → SwiGLU → add; final RMSNorm; tied head.
+    fp64: RMSNorm → attention (QK RMSNorm before or after RoPE as the config says, RoPE on
+    the two halves of each head, explicit causal softmax) → add; RMSNorm → SwiGLU → add; final RMSNorm; tied head.
     Returns the logits and the names of the parameters it used."""
     cfg = model.config
     p = {name: t.detach().double() for name, t in model.named_parameters()}
@@ -53,8 +53,12 @@ def reference_forward(model: DeltaTransformer, idx: torch.Tensor) -> tuple[torch
         h = rmsnorm(x, w(pre + "norm_attn.weight"))
         q, k, v = (h @ w(pre + "attn.qkv.weight").T).split(d, dim=-1)
         q, k, v = (t.reshape(B, T, H, Dh) for t in (q, k, v))
-        q = rope(rmsnorm(q, w(pre + "attn.q_norm.weight")))
-        k = rope(rmsnorm(k, w(pre + "attn.k_norm.weight")))
+        if cfg.qk_norm == "before_rope":
+            q = rope(rmsnorm(q, w(pre + "attn.q_norm.weight")))
+            k = rope(rmsnorm(k, w(pre + "attn.k_norm.weight")))
+        else:
+            q = rmsnorm(rope(q), w(pre + "attn.q_norm.weight"))
+            k = rmsnorm(rope(k), w(pre + "attn.k_norm.weight"))
         scores = torch.einsum("bthd,bshd->bhts", q, k) / math.sqrt(Dh)
         scores = scores.masked_fill(future, float("-inf"))
         probs = torch.exp(scores - scores.amax(-1, keepdim=True))
@@ -68,10 +72,11 @@ def reference_forward(model: DeltaTransformer, idx: torch.Tensor) -> tuple[torch
     return x @ w("embed.weight").T, used
 
 
+@pytest.mark.parametrize("impl", ["reference", "paper"])
 @pytest.mark.parametrize("seq_len", [1, 7, 16])
-def test_additive_dv1_is_a_plain_prenorm_transformer(tiny, noisy, seq_len):
+def test_additive_dv1_is_a_plain_prenorm_transformer(tiny, noisy, seq_len, impl):
     torch.manual_seed(0)
-    model = noisy(DeltaTransformer(tiny(residual="additive", dv=1, n_layer=3)).double(), std=0.2)
+    model = noisy(DeltaTransformer(tiny(residual="additive", dv=1, n_layer=3, impl=impl)).double(), std=0.2)
     idx = torch.randint(0, 64, (3, seq_len))
     expected, used = reference_forward(model, idx)
     # nothing beyond the standard block: no biases, no extra branches, tied head
@@ -170,11 +175,12 @@ def test_grid_parameter_sets(tiny):
     assert not any(".key." in n for n in names(map="k"))
     assert "expand.weight" in names(dv=2, expand="conv")
     assert "expand.weight" not in names(dv=2, expand="repeat")
-    assert {"readout.mix", "blocks.0.compress.mix"} <= names(dv=2, compressor="cc")
+    assert {"readout.mix", "blocks.0.compress.mix"} <= names(dv=2, compressor="cc", cc_form="mix")
+    assert {"readout.weight", "readout.read", "blocks.0.compress.read"} <= names(dv=2, compressor="cc")
     assert {"readout.weight", "readout.read", "blocks.1.compress.weight"} <= names(dv=2, compressor="tc")
     assert not any("compress" in n or "readout" in n for n in names(dv=1, compressor="tc"))
     # one compressor per block, shared by its two sublayers, plus the readout
-    assert sum(n.endswith("compress.mix") for n in names(dv=2)) == 2
+    assert sum(n.endswith("compress.mix") for n in names(dv=2, cc_form="mix")) == 2
     assert any("gate.hidden" in n for n in names(beta_hidden=4))
 
 
@@ -185,6 +191,7 @@ def test_grid_parameter_sets(tiny):
 @pytest.mark.parametrize("compressor", ["cc", "tc"])
 @pytest.mark.parametrize("dv", [2, 4])
 def test_conv_expansion_equals_repeat_at_init(tiny, residual, compressor, dv):
+    """Both impls: the conv expansion starts as the identity."""
     idx = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
     logits = {}
     for expand in ("conv", "repeat"):
@@ -205,13 +212,14 @@ def test_conv_expansion_equals_repeat_at_init(tiny, residual, compressor, dv):
 @pytest.mark.parametrize("expand", ["conv", "repeat"])
 @pytest.mark.parametrize("dv", [2, 4])
 def test_additive_expanded_state_equals_dv1_at_init(tiny, compressor, expand, dv):
-    """At init every channel of an additive model holds the same stream and both
-    compressors average, so dv > 1 reproduces the dv = 1 baseline exactly."""
+    """At init (impl=paper) every channel of an additive model holds the same stream and both
+    compressors average, so dv > 1 reproduces the dv = 1 baseline exactly. (impl=reference
+    draws the compressor kernels at random instead.)"""
     idx = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
     torch.manual_seed(7)
-    base = DeltaTransformer(tiny(residual="additive", dv=1))
+    base = DeltaTransformer(tiny(residual="additive", dv=1, impl="paper"))
     torch.manual_seed(7)
-    wide = DeltaTransformer(tiny(residual="additive", dv=dv, compressor=compressor, expand=expand))
+    wide = DeltaTransformer(tiny(residual="additive", dv=dv, compressor=compressor, expand=expand, impl="paper"))
     with torch.no_grad():
         assert_close(wide(idx), base(idx), atol=1e-5, rtol=1e-5)
 
@@ -252,7 +260,7 @@ def test_sequence_longer_than_block_size_is_rejected(tiny):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, F64])
 def test_model_runs_in_other_parameter_dtypes(tiny, dtype):
     """A model cast to bf16 (or fp64) still runs; β stays at least fp32."""
-    model = DeltaTransformer(tiny(dv=2, beta_hidden=4)).to(dtype)
+    model = DeltaTransformer(tiny(dv=2, beta_hidden=4, gate_init="zero")).to(dtype)
     idx = torch.randint(0, 64, (2, 16))
     logits = model(idx)
     assert logits.dtype == dtype and torch.isfinite(logits).all()
@@ -276,7 +284,7 @@ def test_model_runs_in_other_parameter_dtypes(tiny, dtype):
     ids=str,
 )
 def test_probe_at_init(tiny, kw):
-    cfg = tiny(**kw)
+    cfg = tiny(**kw, gate_init="zero")
     torch.manual_seed(0)
     model = DeltaTransformer(cfg)
     B, T, d, dv = 3, 16, cfg.d_model, cfg.dv
@@ -306,7 +314,7 @@ def test_probe_at_init(tiny, kw):
 
 def test_probe_values_of_the_first_sublayer(tiny, noisy):
     """e_pre of layer 0's attention, recomputed from the expanded embedding by hand."""
-    cfg = tiny(residual="ddl", dv=2, map="k", compressor="cc")
+    cfg = tiny(residual="ddl", dv=2, map="k", compressor="cc", impl="paper")
     torch.manual_seed(0)
     model = noisy(DeltaTransformer(cfg).double(), std=0.1)
     idx = torch.randint(0, 64, (2, 16))

@@ -15,6 +15,38 @@ VALUE_SOURCES = ("context", "state")
 VALUE_SQUASHES = ("none", "sigmoid")
 KERNELS = ("plain", "fused")
 STATE_DTYPES = ("float32", "bfloat16")
+QK_NORMS = ("after_rope", "before_rope")
+COMPRESSOR_INITS = ("normal", "identity")
+CC_FORMS = ("toeplitz", "mix")
+GATE_INITS = ("normal", "zero")
+VALUE_BIAS_INITS = ("uniform", "zero")
+
+# Where the authors' code (yifanzhang-pro/deep-delta-learning @ 2b55f25, `model/`) and the
+# paper's text (arXiv 2601.00417, appendix A) disagree, an `impl` gives every such field its
+# default; each field can still be set alone. Proven against the authors' code by the golden
+# parity tests (tests/model/test_reference_parity.py). Numbers are the README's table rows.
+IMPLS: dict[str, dict[str, Any]] = {
+    "reference": dict(
+        value_source="state",  # 1: v = 4·σ(W_v·x_in + b_v), x_in un-normalised
+        value_squash="sigmoid",
+        qk_norm="after_rope",  # 2: RoPE first, then the q/k RMSNorm
+        norm_eps=1e-5,  # 3: every RMSNorm
+        compressor_init="normal",  # 4: compressor kernels N(0, 0.5/√d), read vector 1/dv
+        cc_form="toeplitz",  # 5: cc = read · ("same"-padded Toeplitz of a d×dv kernel)
+        gate_init="normal",  # 6: W_β ~ N(0, 0.5/√d)
+        value_bias_init="uniform",  # 7: b_v ~ U(±1/√d), PyTorch's default
+    ),
+    "paper": dict(
+        value_source="context",  # v = W_v·c + b_v, c = RMSNorm(x_in)
+        value_squash="none",
+        qk_norm="before_rope",
+        norm_eps=1e-6,
+        compressor_init="identity",  # tc identity taps, cc a plain average
+        cc_form="mix",  # one d×dv mix
+        gate_init="zero",  # β = β0 for every token at init
+        value_bias_init="zero",
+    ),
+}
 
 # The paper's sizes (spec "Backbone") and a CPU-sized default.
 PRESETS: dict[str, dict[str, int]] = {
@@ -38,11 +70,20 @@ class ModelConfig:
     beta_max: float = 2.0
     beta_init: float | None = None
     beta_hidden: int = 0
-    # value branch: the paper text reads v from the normalised context, unbounded;
-    # the reference code reads the un-normalised state and bounds it (scale·σ)
-    value_source: str = "context"
-    value_squash: str = "none"
+    # `impl` sets the defaults of the fields marked "impl" (None: take the impl's value):
+    # reference (the authors' code) | paper (the paper's text); see IMPLS
+    impl: str = "reference"
+    # value branch (impl): the paper text reads v from the normalised context c, unbounded;
+    # the reference code reads the un-normalised compressor output x_in and bounds it (scale·σ).
+    # A v-map always reads v from the sublayer output (value_source=context).
+    value_source: str | None = None
+    value_squash: str | None = None
     value_scale: float = 4.0
+    # initialisation and parametrisation (impl): see IMPLS
+    compressor_init: str | None = None
+    cc_form: str | None = None
+    gate_init: str | None = None
+    value_bias_init: str | None = None
     k_eps: float = 1e-5
     # how the update runs (the same function): `plain` the ops of model/ops.py, which
     # torch.compile fuses with their neighbours; `fused` one hand-written Triton kernel per
@@ -65,10 +106,14 @@ class ModelConfig:
     vocab_size: int = 256
     block_size: int = 128
     rope_base: float = 10000.0
-    norm_eps: float = 1e-6
+    norm_eps: float | None = None  # impl: every RMSNorm's eps
+    qk_norm: str | None = None  # impl: the q/k RMSNorm after RoPE (reference) or before (paper)
 
     def __post_init__(self) -> None:
         self.compressor = COMPRESSOR_ALIASES.get(self.compressor, self.compressor)
+        for name, value in IMPLS.get(self.impl, {}).items():
+            if getattr(self, name) is None:
+                setattr(self, name, "context" if name == "value_source" and self.map == "v" else value)
         if self.beta_init is None and isinstance(self.beta_max, (int, float)):
             self.beta_init = self.beta_max / 2
         errors = self.problems()
@@ -100,6 +145,9 @@ class ModelConfig:
                 return False
             return True
 
+        if self.impl not in IMPLS:
+            errs.append(f"impl: got {self.impl!r}, allowed: {' | '.join(IMPLS)}")
+            return errs
         choice("residual", RESIDUALS)
         choice("map", MAPS)
         choice("compressor", COMPRESSORS, " (ec is an alias of tc)")
@@ -108,6 +156,11 @@ class ModelConfig:
         choice("value_squash", VALUE_SQUASHES)
         choice("kernel", KERNELS)
         choice("state_dtype", STATE_DTYPES)
+        choice("qk_norm", QK_NORMS)
+        choice("compressor_init", COMPRESSOR_INITS)
+        choice("cc_form", CC_FORMS)
+        choice("gate_init", GATE_INITS)
+        choice("value_bias_init", VALUE_BIAS_INITS)
         integer("dv", 1)
         integer("conv_kernel", 1)
         integer("beta_hidden", 0)

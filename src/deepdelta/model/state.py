@@ -33,6 +33,19 @@ def _shift(x: Tensor, s: int) -> Tensor:
     return F.pad(x[:, : x.shape[1] - s], (0, 0) * (x.dim() - 2) + (s, 0)) if s else x
 
 
+def toeplitz_mix(kernel: Tensor, read: Tensor) -> Tensor:
+    """The reference's `cc` as one (d, dv) mix: Σ_k read_k · W′[:, k, :], W′[i, k, j] =
+    kernel[i, j − k + ⌊(dv−1)/2⌋] (zero outside the kernel): a "same"-padded depthwise
+    convolution along the dv channels whose dv outputs the read vector pools. ``kernel``
+    (d, dv), ``read`` (dv,). Bilinear in (kernel, read), linear in the state."""
+    dv = kernel.shape[-1]
+    j = torch.arange(dv, device=kernel.device)
+    offset = j[None, :] - j[:, None] + (dv - 1) // 2  # (k, j) → kernel index
+    valid = (offset >= 0) & (offset < dv)
+    toeplitz = kernel[:, offset.clamp(0, dv - 1)] * valid  # (d, k, j)
+    return (read[:, None] * toeplitz).sum(-2)
+
+
 def identity_kernel(*shape: int, K: int) -> Tensor:
     """A depthwise kernel whose last tap is 1: the convolution starts as the identity."""
     w = torch.zeros(*shape, K)
@@ -67,22 +80,35 @@ class Compress(nn.Module):
     copies (with those, `tc` at dv=4 needed 2.9× the additive peak memory,
     docs/benchmarks.md). The fused update kernel makes the same reads where it writes the
     state, and `combine` finishes them.
+
+    `cc` comes in two forms (``cc_form``): `mix`, one (d, dv) parameter, and `toeplitz`, the
+    reference's d×dv kernel and read vector (``toeplitz_mix``), which give the same kind of
+    map with another parametrisation (and so another optimisation).
     """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.dv = cfg.dv
         self.kind = cfg.compressor if cfg.dv > 1 else "none"
-        if self.kind == "cc":
+        self.toeplitz = self.kind == "cc" and cfg.cc_form == "toeplitz"
+        if self.kind == "cc" and not self.toeplitz:
             self.mix = nn.Parameter(torch.full((cfg.d_model, cfg.dv), 1.0 / cfg.dv))
+        elif self.toeplitz:  # the kernel's centre tap 1: W′ = I, so it starts as the average too
+            self.weight = nn.Parameter(torch.zeros(cfg.d_model, cfg.dv))
+            self.weight.data[:, (cfg.dv - 1) // 2] = 1.0
+            self.read = nn.Parameter(torch.full((cfg.dv,), 1.0 / cfg.dv))
         elif self.kind == "tc":
             self.weight = nn.Parameter(identity_kernel(cfg.d_model, cfg.dv, K=cfg.conv_kernel))
             self.read = nn.Parameter(torch.full((cfg.dv,), 1.0 / cfg.dv))
 
+    def channel_mix(self) -> Tensor:
+        """`cc`'s (d, dv) mix, whichever form holds it."""
+        return toeplitz_mix(self.weight, self.read) if self.toeplitz else self.mix
+
     def taps(self) -> Tensor | None:
         """(S, d, dv): tap s reads the state s tokens back. None for `none` (dv=1)."""
         if self.kind == "cc":
-            return self.mix[None]
+            return self.channel_mix()[None]
         if self.kind == "tc":  # the kernel's last entry multiplies the current token
             return (self.weight * self.read[:, None]).flip(-1).movedim(-1, 0)
         return None
@@ -99,7 +125,7 @@ class Compress(nn.Module):
     def forward(self, state: Tensor) -> Tensor:
         if self.kind == "cc":  # its one tap, written directly: through taps()[0] the compiled
             # blocks needed 0.56 GiB more at dv=4 on the H100, one (B, T, d) fp32 tensor each
-            return (state * self.mix).sum(-1)
+            return (state * self.channel_mix()).sum(-1)
         if self.kind == "tc":
             return self.combine([(state * tap).sum(-1) for tap in self.taps()[: state.shape[1]]])
         return ops.at_least_fp32(state[..., 0])  # a bf16-stored state is read in fp32

@@ -22,9 +22,11 @@ from deepdelta.model.state import Compress, Expand
 
 
 def rope_tables(cfg: ModelConfig) -> tuple[Tensor, Tensor]:
-    inv_freq = cfg.rope_base ** (-torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim)
+    """cos and sin (block_size, head_dim/2) in fp32, written as the reference writes them
+    (its rounding of inv_freq and of the angles, so that fp64 models agree to ~1e-15)."""
+    inv_freq = 1.0 / (float(cfg.rope_base) ** (torch.arange(0, cfg.head_dim, 2).float() / float(cfg.head_dim)))
     angles = torch.outer(torch.arange(cfg.block_size, dtype=torch.float32), inv_freq)
-    return angles.cos(), angles.sin()  # (block_size, head_dim/2)
+    return angles.cos(), angles.sin()
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -42,12 +44,15 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
         self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
+        self.norm_first = cfg.qk_norm == "before_rope"
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         B, T, _ = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).unbind(2)
-        q = apply_rope(self.q_norm(q), cos, sin)
-        k = apply_rope(self.k_norm(k), cos, sin)
+        if self.norm_first:
+            q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
+        else:  # the reference: rotate, then normalise (the norm gains then act on rotated pairs)
+            q, k = self.q_norm(apply_rope(q, cos, sin)), self.k_norm(apply_rope(k, cos, sin))
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
         return self.proj(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -101,7 +106,10 @@ class DeltaTransformer(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """The paper's init: embeddings N(0, 0.02), matrices N(0, 0.5/√d), output
-        projections N(0, 0.5/√d/√L); gates start at β = beta_init for every token."""
+        projections N(0, 0.5/√d/√L); gate biases logit(β0/β_max). By ``impl`` (config):
+        gate weights zero (β = β0 for every token) or N(0, 0.5/√d); value biases zero or
+        U(±1/√d); compressor kernels identity/average or N(0, 0.5/√d) (read vectors 1/dv,
+        the conv expansion identity either way)."""
         cfg = self.config
         std = 0.5 / math.sqrt(cfg.d_model)
         nn.init.normal_(self.embed.weight, std=0.02)
@@ -112,8 +120,14 @@ class DeltaTransformer(nn.Module):
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
         for module in self.modules():
-            if isinstance(module, Gate):
-                nn.init.zeros_(module.out.weight)
+            if isinstance(module, ResidualRule) and module.kind != "additive" and cfg.value_bias_init == "uniform":
+                bound = 1 / math.sqrt(cfg.d_model)  # PyTorch's nn.Linear default, which the reference keeps
+                nn.init.uniform_(module.value.bias, -bound, bound)
+            elif isinstance(module, Compress) and module.kind != "none" and cfg.compressor_init == "normal":
+                nn.init.normal_(module.mix if module.kind == "cc" and not module.toeplitz else module.weight, std=std)
+            elif isinstance(module, Gate):
+                if cfg.gate_init == "zero":
+                    nn.init.zeros_(module.out.weight)
                 nn.init.constant_(module.out.bias, module.bias_init)
 
     def final_state(self, idx: Tensor) -> Tensor:
