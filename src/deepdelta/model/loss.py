@@ -13,22 +13,28 @@ from torch import Tensor
 
 
 def _chunks(hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int, ignore_index: int, dtype: torch.dtype):
-    """Yield (start, logits fp32, safe targets, mask) per row chunk."""
+    """Yield (start, logits in at least fp32, safe targets, mask) per row chunk."""
     w = weight.to(dtype)
     for start in range(0, targets.numel(), chunk):
         t = targets[start : start + chunk]
-        logits = (hidden[start : start + chunk].to(dtype) @ w.t()).float()
+        logits = (hidden[start : start + chunk].to(dtype) @ w.t()).to(_softmax_dtype(dtype))
         mask = t != ignore_index
         yield start, logits, torch.where(mask, t, 0), mask
+
+
+def _softmax_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for bf16/fp16/fp32 matmuls; fp64 stays fp64 (exact parity tests)."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk, ignore_index, dtype):  # type: ignore[override]
         valid = (targets != ignore_index).sum().clamp(min=1)
-        loss = torch.zeros((), device=hidden.device, dtype=torch.float32)
+        acc = _softmax_dtype(dtype)
+        loss = torch.zeros((), device=hidden.device, dtype=acc)
         grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32)
+        grad_weight = torch.zeros_like(weight, dtype=acc)
         w = weight.to(dtype)
         for start, logits, t, mask in _chunks(hidden, weight, targets, chunk, ignore_index, dtype):
             lse = torch.logsumexp(logits, dim=-1)
@@ -39,7 +45,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad = (grad * (mask[:, None] / valid)).to(dtype)
             h = hidden[start : start + chunk].to(dtype)
             grad_hidden[start : start + chunk] = grad @ w
-            grad_weight += (grad.t() @ h).float()
+            grad_weight += (grad.t() @ h).to(acc)
         ctx.save_for_backward(grad_hidden, grad_weight)
         return loss / valid
 
@@ -73,7 +79,7 @@ def linear_cross_entropy(
     with torch.autocast(device, enabled=False):
         if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
             return _LinearCrossEntropy.apply(hidden, weight, targets, chunk, ignore_index, dtype)
-        total = torch.zeros((), device=hidden.device, dtype=torch.float32)
+        total = torch.zeros((), device=hidden.device, dtype=_softmax_dtype(dtype))
         for _, logits, t, mask in _chunks(hidden, weight, targets, chunk, ignore_index, dtype):
             total += ((torch.logsumexp(logits, -1) - logits.gather(1, t[:, None]).squeeze(1)) * mask).sum()
         return total / (targets != ignore_index).sum().clamp(min=1)
