@@ -19,6 +19,12 @@ class DDPStrategy(LightningDDP):
     node's stream does not match"). ``split_graphs`` (TorchDynamo's DDP optimizer splits each
     compiled region at DDP's bucket boundaries so that all-reduces start inside it; with one
     compiled region per block the block boundaries already let them start).
+
+    With both, the all-reduced gradients are the ones a plain all-reduce after a device
+    synchronisation gives, bitwise, and no DDP option (static graph, bucket views, bucket size,
+    comm hooks, buffer broadcast, unused-parameter search) changes them; on 2 × H200 they are
+    4–6e-4 from one GPU's accumulated gradients, a third of the distance between two one-GPU
+    splits of the same batch (tests/test_ddp_parity.py, docs/benchmarks.md, issue 18).
     """
 
     def __init__(self, side_stream: bool = False, split_graphs: bool = True, **kwargs: Any):

@@ -1,16 +1,21 @@
 """DDP scaling through the real CLI: the same per-GPU micro-batch on 1 GPU and on N GPUs.
 
-    python -m deepdelta.scaling --gpus 2 --steps 120          # or: make bench-ddp
+    python -m deepdelta.scaling --gpus 2 --steps 120 --repeat 3    # or: make bench-ddp ARGS="--repeat 3"
 
 Both runs train the same global batch (N × micro-batch sequences a step: the 1-GPU run
-accumulates N micro-batches), so they see the same windows and their validation losses
-should agree step for step; tokens/s is the ThroughputMonitor's global figure.
+accumulates N micro-batches), so they see the same windows in the same order; tokens/s is
+the ThroughputMonitor's global figure. ``--repeat R`` runs each configuration R times (a
+1-GPU run, then a DDP run, R times over; at least two 1-GPU runs) and reports the speed-up
+and the final validation-loss gap as the median over the R pairs, beside the spread between
+two 1-GPU runs of the same configuration: the loss gap means something only against it
+(compiled bf16 training is not bitwise reproducible, docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import subprocess
 import sys
 import time
@@ -46,7 +51,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", default="small")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--out", type=Path, help="a new directory (default: outputs/scaling/<date_time>)")
-    p.add_argument("--repeat", action="store_true", help="run the 1-GPU config twice: shows run-to-run noise")
+    p.add_argument(
+        "--repeat", type=int, nargs="?", const=1, default=1, metavar="R",
+        help="runs of each configuration (medians over R; at least two 1-GPU runs give the spread)",
+    )  # fmt: skip
     p.add_argument(
         "--diagnose",
         action="store_true",
@@ -62,34 +70,72 @@ def main(argv: list[str] | None = None) -> None:
         f"callbacks.model_checkpoint.every_n_train_steps={10 * a.steps}", "~callbacks.progress_bar", *a.overrides,
     ]  # fmt: skip
     a.out = a.out or Path("outputs/scaling") / time.strftime("%Y-%m-%d_%H-%M-%S")
-    n, m = a.gpus, a.micro
-    runs = [  # (directory, label, overrides, world size)
-        ("gpu1", f"1 GPU, {n} × {m} accumulated", ["trainer=gpu"], 1),
-        (f"gpu{n}", f"{n} GPUs DDP, {n} × {m}", ["trainer=ddp", f"trainer.devices={n}"], n),
-    ]
-    if a.repeat:
-        runs.append(("gpu1-repeat", "1 GPU again", ["trainer=gpu"], 1))
-    # where does a loss gap come from: accumulation, DDP, or compiled kernels? (one batch of n·m draws
-    # other windows than n micro-batches of m: its curve is a reference for noise, not an exact match)
-    if a.diagnose:
-        runs += [
-            ("gpu1-whole", f"1 GPU, one batch of {n * m}", ["trainer=gpu", f"data.batch_size={n * m}"], 1),
-            ("gpu1-eager", "1 GPU, not compiled", ["trainer=gpu", "compile=false"], 1),
-            (
-                f"gpu{n}-eager",
-                f"{n} GPUs DDP, not compiled",
-                ["trainer=ddp", f"trainer.devices={n}", "compile=false"],
-                n,
-            ),
-        ]
-    results = []
-    for name, label, extra, world in runs:
+    results = []  # (label, kind, tok/s, val loss by step)
+    for name, label, extra, world, kind in plan(a.gpus, a.micro, a.repeat, a.diagnose):
         run_cli([*common, *extra, f"hydra.run.dir={a.out / name}"])
-        results.append((label, world, *throughput(a.out / name, world)))
+        results.append((label, kind, *throughput(a.out / name, world)))
+    print_tables(results)
+
+
+def plan(n: int, m: int, repeat: int = 1, diagnose: bool = False) -> list[tuple[str, str, list[str], int, str]]:
+    """The runs, in order: (directory, label, overrides, world size, kind), kind one | ddp | diagnose.
+    Each repeat is a 1-GPU run, then a DDP run; with one repeat, a second 1-GPU run gives the spread."""
+    one = ["trainer=gpu"]
+    ddp = ["trainer=ddp", f"trainer.devices={n}"]
+    runs = []
+    for i in range(repeat):
+        tag = "" if i == 0 else f"-{i + 1}"
+        again = "" if i == 0 else f" (run {i + 1})"
+        runs.append((f"gpu1{tag}", f"1 GPU, {n} × {m} accumulated{again}", one, 1, "one"))
+        runs.append((f"gpu{n}{tag}", f"{n} GPUs DDP, {n} × {m}{again}", ddp, n, "ddp"))
+    if repeat < 2:
+        runs.append(("gpu1-repeat", "1 GPU again", one, 1, "one"))
+    # where does a loss gap come from: accumulation, DDP, or compiled kernels? (a batch of n·m takes the
+    # same windows as n micro-batches of m, computed with other kernels)
+    if diagnose:
+        runs += [
+            ("gpu1-whole", f"1 GPU, one batch of {n * m}", [*one, f"data.batch_size={n * m}"], 1, "diagnose"),
+            ("gpu1-eager", "1 GPU, not compiled", [*one, "compile=false"], 1, "diagnose"),
+            (f"gpu{n}-eager", f"{n} GPUs DDP, not compiled", [*ddp, "compile=false"], n, "diagnose"),
+        ]
+    return runs
+
+
+def _final(val: pd.Series) -> float:
+    return float(val.iloc[-1]) if len(val) else math.nan
+
+
+def _median(values: list[float]) -> str:
+    return f"{statistics.median(values):.4g}" if values else "n/a"
+
+
+def summary(results: list[tuple[str, str, float, pd.Series]]) -> dict[str, list[float]]:
+    """Per repeat: the DDP/1-GPU speed-up and final-loss gap (each DDP run against the 1-GPU run
+    before it); and the final-loss differences between consecutive 1-GPU runs (the spread)."""
+    ones = [r for r in results if r[1] == "one"]
+    pairs = list(zip(ones, [r for r in results if r[1] == "ddp"], strict=False))  # the extra 1-GPU run has no pair
+    return {
+        "speedup": [d[2] / o[2] for o, d in pairs],
+        "gap": [_final(d[3]) - _final(o[3]) for o, d in pairs],
+        "spread": [abs(_final(b[3]) - _final(a[3])) for a, b in zip(ones, ones[1:], strict=False)],
+    }
+
+
+def print_tables(results: list[tuple[str, str, float, pd.Series]]) -> None:
     base = results[0][2]
-    print("\n| run | tok/s | vs 1 GPU |\n| --- | --- | --- |")
-    for label, _, tps, _ in results:
-        print(f"| {label} | {tps:,.0f} | {tps / base:.2f}× |")
+    last_one = base
+    print("\n| run | tok/s | vs 1 GPU | final val loss |\n| --- | --- | --- | --- |")
+    for label, kind, tps, val in results:
+        if kind == "one":
+            last_one = tps
+        ref = last_one if kind == "ddp" else base
+        print(f"| {label} | {tps:,.0f} | {tps / ref:.2f}× | {_final(val):.4f} |")
+    s = summary(results)
+    each = {k: ", ".join(f"{v:.4g}" for v in vals) for k, vals in s.items()}
+    print(f"\n| over {len(s['speedup'])} repeat(s) | median | each |\n| --- | --- | --- |")
+    print(f"| speed-up, DDP / 1 GPU | {_median(s['speedup'])}× | {each['speedup']} |")
+    print(f"| final val loss, DDP − 1 GPU | {_median(s['gap'])} | {each['gap']} |")
+    print(f"| final val loss, \\|1 GPU − 1 GPU\\| (the spread) | {_median(s['spread'])} | {each['spread']} |")
     print("\n| step | " + " | ".join(r[0] for r in results) + " |\n|" + " --- |" * (len(results) + 1))
     for step in results[0][3].index:
         print(f"| {step} | " + " | ".join(f"{r[3].get(step, float('nan')):.4f}" for r in results) + " |")
