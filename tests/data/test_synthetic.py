@@ -113,9 +113,13 @@ def test_answer_accuracy_scores_whole_answers():
 
 @pytest.mark.slow
 def test_a_tiny_model_learns_the_task_well_above_chance():
-    """Generator and metric are sound: a 2-layer DDL model's exact-answer accuracy climbs from ~0 to well above
-    chance (10%) in 400 CPU steps (~30 s on 2 idle cores). The query is never the slot written last, so
-    "repeat the last value" does not solve it; a longer run keeps improving (it is the probe, not the test)."""
+    """Generator and metric are sound end to end: a 2-layer DDL model trained on the masked answers of recall
+    examples goes from chance (10%) to about 50% exact-answer accuracy within 100 CPU steps (~10 s on 2 cores).
+
+    The loss is taken on the answer characters only, so the signal does not drown in the random keys and
+    values around them; ~50% is the plateau of locating the answer by position, reached by step 50 on every
+    seed tried (0-10), under 1, 2 and 4 threads and with either ``impl`` (lowest seen at step 100: 0.37). The
+    bar, 0.25, is far below that and far above chance; longer runs are the probe's business, not this test's."""
     import torch.nn.functional as F
 
     from deepdelta.model import DeltaTransformer, ModelConfig
@@ -125,7 +129,7 @@ def test_a_tiny_model_learns_the_task_well_above_chance():
                          block_size=48, batch_size=64, val_batches=2)  # fmt: skip
     cfg = ModelConfig.preset("tiny", n_layer=2, d_model=64, n_head=2, head_dim=32, block_size=48)
     model = DeltaTransformer(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
 
     def accuracy() -> float:
         metric = AnswerAccuracy()
@@ -138,9 +142,9 @@ def test_a_tiny_model_learns_the_task_well_above_chance():
 
     before = accuracy()
     stream = dm.train_dataset()
-    for k in range(400):
-        x, y, _ = stream.batch(k)
-        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+    for k in range(100):
+        x, y, mask = stream.batch(k)
+        loss = F.cross_entropy(model(x)[mask], y[mask])
         opt.zero_grad()
         loss.backward()
         opt.step()
