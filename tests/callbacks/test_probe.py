@@ -92,10 +92,13 @@ def recompute(model: DeltaTransformer, idx: torch.Tensor) -> dict[str, dict[str,
     for h in handles:
         h.remove()
     out = {}
-    for name, (state, _x_in, c, h) in captured.items():
+    cfg = model.config
+    for name, (state, x_in, c, h) in captured.items():
         rule: ResidualRule = model.rules()[name]
-        k_hat = h / torch.sqrt((h * h).sum(-1, keepdim=True) + model.config.k_eps**2)
-        v = c @ rule.value.weight.T + rule.value.bias
+        k_hat = h / torch.sqrt((h * h).sum(-1, keepdim=True) + cfg.k_eps**2)
+        v = (c if cfg.value_source == "context" else x_in) @ rule.value.weight.T + rule.value.bias
+        if cfg.value_squash == "sigmoid":
+            v = cfg.value_scale * torch.sigmoid(v)
         out[name] = {"k": h, "k_hat": k_hat, "e_pre": (k_hat[..., :, None] * state).sum(-2) - v}
     return out
 
