@@ -6,7 +6,7 @@ SWEEP   ?= grid
 ARGS    ?=
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help install train sweep test lint format bench bench-ddp data report results clean
+.PHONY: help install train sweep test lint format bench bench-ddp data report results eval clean
 help:  ## list targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
@@ -47,6 +47,9 @@ data: install  ## tokenise a corpus into the shared cache ahead of training; ARG
 
 report: install  ## report of a run (RUN=dir) or a sweep (SWEEP_DIR=dir): report.md, report.html, figures/*.png
 	$(BIN)/python -m deepdelta.analysis.report $(if $(RUN),--run $(RUN)) $(if $(SWEEP_DIR),--sweep $(SWEEP_DIR))
+
+eval: install  ## downstream tasks of a run (RUN=dir) or a sweep (SWEEP_DIR=dir) with lm-evaluation-harness; TASKS=paper_1shot
+	$(BIN)/python -m deepdelta.eval $(RUN) $(if $(SWEEP_DIR),--sweep $(SWEEP_DIR)) $(if $(GPUS),--gpus $(GPUS)) tasks=$(or $(TASKS),paper_1shot) $(ARGS)
 
 results: install  ## regenerate docs/results.md (+ .html, .csv, img/results/) from the raw results in results/replication
 	$(BIN)/python -m deepdelta.analysis.report --sweep results/replication --out docs/results.md

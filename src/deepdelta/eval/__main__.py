@@ -1,0 +1,168 @@
+"""python -m deepdelta.eval RUN_DIR [tasks=paper_1shot] [limit=N] [batch_size=N] [num_fewshot=K]
+
+Evaluates a run's newest checkpoint (or a model file from ``python -m deepdelta.convert``) with
+lm-evaluation-harness and writes RUN_DIR/eval.json (for a model file: FILE.eval.json). Several
+run directories, or ``--sweep DIR``, are evaluated one after another; ``--gpus N`` spreads them
+over this machine's GPUs, one run per GPU at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from deepdelta.eval.run import EvalError, evaluate, log_to_wandb, require_harness, write
+from deepdelta.eval.tasks import resolve
+
+KEYS = ("tasks", "limit", "batch_size", "num_fewshot", "device")
+
+
+def _targets(paths: list[Path], sweep: Path | None) -> list[Path]:
+    if sweep is not None:
+        if not sweep.is_dir():
+            raise EvalError(f"--sweep {sweep}: no such directory")
+        paths = paths + sorted((p.parent for p in sweep.glob("*/summary.json")), key=lambda p: p.name)
+        if not paths:
+            raise EvalError(f"--sweep {sweep}: no run directories (*/summary.json) in it")
+    if not paths:
+        raise EvalError("give a run directory, a model file or --sweep DIR")
+    for p in paths:
+        if not p.exists():
+            raise EvalError(f"{p}: no such run directory or model file")
+    return paths
+
+
+def _one(target: Path, opts: dict[str, str]) -> None:
+    import torch
+
+    from deepdelta.convert import load_model
+
+    device = opts.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(target).to(device)
+    tokenizer = _tokenizer(target, model.config.vocab_size)
+    print(f"evaluating {target} on {opts['tasks']} ({device})", flush=True)
+    result = evaluate(
+        model,
+        tokenizer,
+        opts["tasks"],
+        num_fewshot=int(opts["num_fewshot"]) if opts.get("num_fewshot") else None,
+        limit=int(opts["limit"]) if opts.get("limit") else None,
+        batch_size=int(opts.get("batch_size") or 16),
+    )
+    result["source"] = str(target)
+    out = write(target if target.is_dir() else target.with_name(target.name + ".eval"), result)
+    run_id = log_to_wandb(target, result) if target.is_dir() else None
+    for task, row in result["tasks"].items():
+        shown = ", ".join(
+            f"{m} {v['value']:.4f}" + (f" ± {v['stderr']:.4f}" if v["stderr"] is not None else "")
+            for m, v in row["metrics"].items()
+        )
+        print(f"  {task} (n={row['n']}, {row['num_fewshot']}-shot): {shown}")
+    if "average" in result:
+        avg = result["average"]
+        print(f"  average {avg['metric']} over {avg['tasks']} tasks: {avg['value']:.4f}")
+    print(f"wrote {out}" + (f"; logged to W&B run {run_id}" if run_id else ""))
+
+
+def _tokenizer(target: Path, vocab_size: int):
+    """The run's own tokenizer; for a model file (no run around it), the one its vocabulary implies."""
+    from deepdelta.data.tokenizer import ByteTokenizer, GPT2Tokenizer, ensure_gpt2_available
+
+    if target.is_dir():
+        from deepdelta.data.tokenizer import from_run
+
+        return from_run(target)
+    if vocab_size == 256:
+        return ByteTokenizer()
+    if vocab_size in (50257, 50304):
+        ensure_gpt2_available()
+        return GPT2Tokenizer()
+    raise EvalError(f"{target}: a model file with vocabulary {vocab_size}: evaluate its run directory instead")
+
+
+def _parse(argv: list[str]) -> tuple[argparse.Namespace, dict[str, str]]:
+    p = argparse.ArgumentParser(prog="python -m deepdelta.eval", description=__doc__.split("\n\n")[0])
+    p.add_argument("targets", nargs="*", help="run directories or model files, and key=value settings")
+    p.add_argument("--sweep", type=Path, help="evaluate every run of this sweep directory")
+    p.add_argument("--gpus", help="a count or device ids like 0,1: one run per GPU at a time")
+    args = p.parse_args(argv)
+    opts = {"tasks": "paper_1shot"}
+    paths = []
+    for item in args.targets:
+        key, eq, value = item.partition("=")
+        if eq and key in KEYS:
+            opts[key] = value
+        elif eq and not Path(item).exists():
+            raise EvalError(f"{key}: unknown setting, allowed: {', '.join(KEYS)}")
+        else:
+            paths.append(Path(item))
+    for key in ("limit", "batch_size", "num_fewshot"):
+        if opts.get(key) and not (opts[key].isdigit() and (key == "num_fewshot" or int(opts[key]) > 0)):
+            raise EvalError(f"{key}: got {opts[key]!r}, allowed: an integer >= {0 if key == 'num_fewshot' else 1}")
+    args.paths = paths
+    return args, opts
+
+
+def _queue(targets: list[Path], gpus: list[str], opts: dict[str, str]) -> list[Path]:
+    """Each target in its own process, one per GPU at a time; returns the failed ones."""
+    todo, failed, lock = list(targets), [], threading.Lock()
+    settings = [f"{k}={v}" for k, v in opts.items()]
+
+    def worker(gpu: str) -> None:
+        while True:
+            with lock:
+                if not todo:
+                    return
+                target = todo.pop(0)
+            env = dict(os.environ, CUDA_VISIBLE_DEVICES=gpu)
+            code = subprocess.run([sys.executable, "-m", "deepdelta.eval", str(target), *settings], env=env).returncode
+            if code:
+                with lock:
+                    failed.append(target)
+
+    threads = [threading.Thread(target=worker, args=(g,)) for g in gpus]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return failed
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args, opts = _parse(sys.argv[1:] if argv is None else argv)
+        resolve(opts["tasks"])  # a bad task list stops here, before any model is loaded
+        require_harness()
+        targets = _targets(args.paths, args.sweep)
+        if args.gpus:
+            from deepdelta.gpusweep import parse_gpus
+
+            failed = _queue(targets, parse_gpus(args.gpus), opts)
+        else:
+            failed = []
+            for target in targets:
+                try:
+                    _one(target, opts)
+                except EvalError as err:
+                    if len(targets) == 1:
+                        raise
+                    print(f"error: {target}: {err}", file=sys.stderr)
+                    failed.append(target)
+        if failed:
+            print(
+                f"error: {len(failed)} of {len(targets)} evaluations failed: {', '.join(map(str, failed))}",
+                file=sys.stderr,
+            )
+            return 1
+    except (EvalError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
