@@ -3,8 +3,10 @@ summary of the mechanism probes at the end of training."""
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import pandas as pd
 
@@ -131,3 +133,47 @@ def sublayer_table(probes: pd.DataFrame) -> pd.DataFrame:
             "beta_over_relaxed", "beta_near_reflection", "k_norm", "k_small", "k_cos_prev", "k_drift", "e_pre_norm",
             "e_pre_channel_std"]  # fmt: skip
     return last[[c for c in cols if c in last]].round(3).reset_index(drop=True)
+
+
+def eval_scores(run_dir: Path) -> dict[str, float]:
+    """``{"task/metric": value}`` from a run's eval.json (``python -m deepdelta.eval``), plus
+    ``"average/<metric>"`` when the preset has one; empty when the run was not evaluated."""
+    path = run_dir / "eval.json"
+    if not path.is_file():
+        return {}
+    result = json.loads(path.read_text())
+    out = {f"{t}/{m}": v["value"] for t, row in result["tasks"].items() for m, v in row["metrics"].items()}
+    if "average" in result:
+        out[f"average/{result['average']['metric']}"] = result["average"]["value"]
+    return out
+
+
+def eval_table(groups: Sequence[Group], confidence: float = 0.95) -> pd.DataFrame:
+    """Downstream scores, one row per configuration and task metric: mean ± std over the
+    evaluated seeds and the paired difference (by seed, ``confidence`` t interval) to the
+    configuration's additive baseline, as for validation loss. Empty if nothing was evaluated."""
+    scores = {id(g): {r.seed: eval_scores(r.path) for r in g.runs if r.status == "finished"} for g in groups}
+    metrics = sorted({k for per_seed in scores.values() for s in per_seed.values() for k in s})
+    rows = []
+    for group in groups:
+        base = baseline_for(group, list(groups))
+        for metric in metrics:
+            mine = {seed: s[metric] for seed, s in scores[id(group)].items() if metric in s}
+            if not mine:
+                continue
+            est = estimate(list(mine.values()), confidence)
+            row = {"model": group.label, "metric": metric, "seeds": est.n, "score": _pm(est.mean, est.std)}
+            if base is not None and base is not group:
+                theirs = {seed: s[metric] for seed, s in scores[id(base)].items() if metric in s}
+                diff = paired_difference(mine, theirs, confidence)
+                if diff.n == 0:
+                    row["Δ vs baseline"] = "no shared seeds"
+                elif diff.n == 1:
+                    row["Δ vs baseline"] = f"{diff.mean:+.4f} (1 seed)"
+                else:
+                    row["Δ vs baseline"] = f"{diff.mean:+.4f} [{diff.low:+.4f}, {diff.high:+.4f}]"
+                row["compared with"] = base.label
+            else:
+                row["Δ vs baseline"], row["compared with"] = ("baseline" if group.residual == "additive" else "–"), "–"
+            rows.append(row)
+    return pd.DataFrame(rows)
