@@ -54,5 +54,9 @@ eval: install  ## downstream tasks of a run (RUN=dir) or a sweep (SWEEP_DIR=dir)
 results: install  ## regenerate docs/results.md (+ .html, .csv, img/results/) from the raw results in results/replication
 	$(BIN)/python -m deepdelta.analysis.report --sweep results/replication --out docs/results.md
 
+.PHONY: sample
+sample: install  ## continue PROMPT="..." with a run (RUN=dir, default the newest outputs/runs/*); ARGS="--top-k 50 ..."
+	$(BIN)/python -m deepdelta.sample "$(or $(RUN),$(lastword $(sort $(wildcard outputs/runs/*))),$(error no run yet: make train, or RUN=<run dir>))" --prompt "$$PROMPT" $(ARGS)
+
 clean:  ## remove outputs (not the data cache)
 	rm -rf outputs multirun

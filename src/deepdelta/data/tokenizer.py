@@ -192,3 +192,50 @@ class BPETokenizer(Tokenizer):
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+def run_dir_of(path: str | os.PathLike) -> Path | None:
+    """The training run directory (the one holding ``.hydra/config.yaml``) of ``path``: the
+    directory itself, or a checkpoint file inside it (``<run>/checkpoints/last.ckpt``)."""
+    path = Path(path).resolve()
+    candidates = [path] if path.is_dir() else list(path.parents)[:2]
+    return next((c for c in candidates if (c / ".hydra" / "config.yaml").is_file()), None)
+
+
+def from_run(path: str | os.PathLike) -> Tokenizer:
+    """The tokenizer a training run used: ``data.tokenizer`` of the run's ``.hydra/config.yaml``
+    (``path``: its directory, or a checkpoint file in it). ``bpe`` is read from the token cache
+    entry the run tokenised its corpus into, under ``data.cache_dir`` as it resolves now
+    (``DEEPDELTA_CACHE``, else ``~/.cache/deepdelta``); ``gpt2`` needs tiktoken's files.
+    Raises DataError naming what is missing."""
+    run = run_dir_of(path)
+    if run is None:
+        raise DataError(f"{path}: not a training run directory (no .hydra/config.yaml), so its tokenizer is unknown")
+    from omegaconf import OmegaConf
+
+    try:
+        data = OmegaConf.to_container(OmegaConf.load(run / ".hydra" / "config.yaml").data, resolve=True)
+    except Exception as e:  # a config written by another version, or an unresolvable interpolation
+        raise DataError(f"{run}/.hydra/config.yaml: cannot read its data config ({e})") from e
+    name = choose("tokenizer", data.get("tokenizer", "byte"), TOKENIZERS)
+    if name == "byte":
+        return ByteTokenizer()
+    if name == "gpt2":
+        return GPT2Tokenizer()
+    # bpe: the entry's key hashes the source and the tokenizer settings, as the run computed it
+    from deepdelta.data.datamodule import TokenDataModule
+    from deepdelta.data.shards import cache_path, cache_settings
+
+    data.pop("_target_", None)
+    dm = TokenDataModule(**{**data, "progress": False})
+    settings = cache_settings(
+        dm.source, name, bpe_vocab_size=dm.bpe_vocab_size, bpe_train_bytes=dm.bpe_train_bytes,
+        val_fraction=dm.val_fraction, max_tokens=dm.max_tokens,
+    )  # fmt: skip
+    file = cache_path(dm.cache_dir, dm.source_name, name, settings) / "tokenizer.json"
+    if not file.is_file():
+        raise DataError(
+            f"the run's BPE tokenizer is not in the token cache: {file} is missing (the corpus changed since, "
+            "or the run used another cache: point DEEPDELTA_CACHE at the cache it trained with)"
+        )
+    return BPETokenizer.load(file, dm.bpe_vocab_size)
