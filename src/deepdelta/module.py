@@ -67,6 +67,14 @@ class DeltaLM(L.LightningModule):
         self.log("train/flops", float(step * self.tokens_per_step * self.flops_per_token))
         return loss
 
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # Lightning validates every val_check_interval steps only, so a run of 150 steps at interval 100 ended
+        # measured at step 100. Asking it to stop at the last step makes it validate there (once, also when
+        # the step is a validation step anyway), whatever max_steps and the interval are.
+        trainer = self.trainer
+        if 0 < trainer.max_steps <= trainer.global_step and not trainer.fit_loop._should_accumulate():
+            trainer.should_stop = True
+
     def validation_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
         x, y = batch[0], batch[1]
         if len(batch) > 2:  # synthetic probes: one forward for the loss and the exact-answer accuracy

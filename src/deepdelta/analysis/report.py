@@ -193,11 +193,15 @@ def run_report(run_dir: Path, out: Path | None = None, command: str | None = Non
     layout = Layout.inside(run.path) if out is None else Layout.at(Path(out))
     report = Report(layout, f"Run report: {run.summary.get('name') or run.path.name}")
     report.provenance(run.path, command if out is not None else None)
-    report.text(f"Directory `{run.path}`; status **{run.status}**; residual `{run.residual}`, seed {run.seed}.")
+    report.text(
+        f"Directory `{run.path}`; status **{run.status}**; residual `{run.residual}`, seed {run.seed}; "
+        f"{_validation_words(run)}."
+    )
     report.heading("Results")
     table = tables.results_table([group])
     report.results_csv(table)
     report.table(tables.format_results(table))
+    _eval_section(report, [group], 0.95)
     report.text(f"Re-run: `{findings.rerun_commands(group)[0]}`")
     report.heading("Loss")
     report.figure(figures.loss_curves([group]), "loss", "Loss against tokens, FLOPs and training wall-clock.")
@@ -238,6 +242,7 @@ def sweep_report(
     report.results_csv(table)
     report.table(tables.format_results(table, confidence))
     _supports_section(report, table, groups, confidence)
+    _eval_section(report, groups, confidence)
     report.heading("Re-run")
     report.text(
         "Each configuration re-runs with the overrides its runs were started with (their "
@@ -286,21 +291,45 @@ def _supports_section(report: Report, table: pd.DataFrame, groups: list[Group], 
     report.bullets(findings.limits(table, groups, confidence))
 
 
+def _eval_section(report: Report, groups: list[Group], confidence: float) -> None:
+    """Downstream tasks (eval.json of each run, `python -m deepdelta.eval`), when any run has them."""
+    frame = tables.eval_table(groups, confidence)
+    if frame.empty:
+        return
+    report.heading("Downstream tasks")
+    report.text(
+        "Scores from lm-evaluation-harness (`python -m deepdelta.eval`, each run's `eval.json`): mean ± std over "
+        f"the evaluated seeds, and the difference to the configuration's additive baseline paired by seed with a "
+        f"{confidence:.0%} Student-t interval. `average/acc` is the mean `acc` over the preset's tasks."
+    )
+    report.table(frame)
+
+
+def _validation_words(run: Run) -> str:
+    """The run's last validation in words: its loss and the step it was measured at, or that there was none."""
+    if math.isnan(run.val_loss):
+        return "not validated"
+    step = f" at step {run.val_step}" if run.val_step is not None else ""
+    return f"validation loss {run.val_loss:.4f}{step}"
+
+
 def _runs_table(runs: list[Run], groups: list[Group]) -> pd.DataFrame:
     label = {id(r): g.label for g in groups for r in g.runs}
     rows = []
     for r in runs:
         loss = r.val_loss
+        validated = not math.isnan(loss)
         rows.append(
             {
                 "job": r.path.name,
                 "model": label[id(r)],
                 "seed": r.seed,
                 "status": r.status,
-                "val loss": round(loss, 4),
-                "val ppl": round(math.exp(loss), 2) if not math.isnan(loss) else math.nan,
+                "val loss": round(loss, 4) if validated else "not validated",
+                "val step": r.val_step if validated and r.val_step is not None else "–",
+                "val ppl": round(math.exp(loss), 2) if validated else "–",
                 "tokens": int(r.summary.get("tokens") or 0),
-                "tok/s": round(r.tokens_per_s, 1),
+                "tok/s": "not measured" if math.isnan(r.tokens_per_s) else round(r.tokens_per_s, 1),
                 "error": str(r.summary.get("error") or "")[:60],
             }
         )

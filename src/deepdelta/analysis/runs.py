@@ -148,6 +148,14 @@ class Run:
         return float(value) if value is not None else math.nan
 
     @property
+    def val_step(self) -> int | None:
+        """The optimizer step after which `val_loss` was measured (None: never validated, or not recorded)."""
+        value = self.summary.get("val_step")
+        if value is None and "val/loss" in self.metrics and self.metrics["val/loss"].notna().any():
+            value = int(self.metrics.loc[self.metrics["val/loss"].notna(), "step"].iloc[-1]) + 1  # logged at N - 1
+        return None if value is None else int(value)
+
+    @property
     def params(self) -> float:
         return float(self.summary.get("params") or math.nan)
 
