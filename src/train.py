@@ -20,7 +20,9 @@ from omegaconf import DictConfig, open_dict, read_write
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `python src/train.py` without install
 
-from deepdelta.rundir import resume_argv  # noqa: E402  (also registers the run-directory resolvers)
+from deepdelta import errors  # noqa: E402
+from deepdelta.quiet import silence_noise  # noqa: E402
+from deepdelta.rundir import release, resume_argv  # noqa: E402  (also registers the run-directory resolvers)
 from deepdelta.runner import run  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -42,8 +44,19 @@ def main(cfg: DictConfig) -> float | None:
     if multirun:
         point_ddp_ranks_at_this_job(hydra_cfg)
     environ = dict(os.environ)  # Lightning's launcher leaves LOCAL_RANK etc.; the next job must not see them
+    run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
-        return run(cfg, Path(hydra_cfg.runtime.output_dir), name=hydra_cfg.job.override_dirname, multirun=multirun)
+        return run(cfg, run_dir, name=hydra_cfg.job.override_dirname, multirun=multirun)
+    except errors.UserError as exc:  # the user's mistake: its message and the way out, no traceback
+        if not multirun and exc.exit_code == errors.CONFIG_EXIT:
+            release(run_dir)  # it never started: leave no run directory behind
+        if errors.show_tracebacks():
+            raise
+        if multirun:  # recorded in the job's summary.json and the sweep table; the sweep goes on
+            log.error("error: %s", exc)
+            return None
+        errors.report(exc)
+        raise SystemExit(exc.exit_code) from None
     except Exception:
         if not multirun:
             raise
@@ -57,6 +70,21 @@ def main(cfg: DictConfig) -> float | None:
         os.environ.update(environ)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """``python src/train.py``: Hydra's errors in composing the config (an unknown group choice or key, an
+    override that does not parse) exit with status 2 like every other config error."""
+    from hydra.errors import CompactHydraException
+
+    silence_noise()
     sys.argv = resume_argv(sys.argv)  # resume=DIR replays DIR's original overrides
-    main()
+    try:
+        main()
+    except SystemExit as exc:
+        # Hydra prints such an error compactly and exits 1 from inside its handler: the error is the context
+        if exc.code == 1 and isinstance(exc.__context__, CompactHydraException):
+            raise SystemExit(errors.CONFIG_EXIT) from None
+        raise
+
+
+if __name__ == "__main__":
+    cli()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -76,7 +78,7 @@ def test_failing_sweep_member_is_recorded_and_others_finish(cli, tmp_path):
     proc = cli(*FAST, "model.n_head=3,4", multirun=True, check=False)
     assert proc.returncode != 0
     table = pd.read_csv(tmp_path / "sweep" / "summary.csv")
-    assert list(table["status"]) == ["failed", "finished"]
+    assert list(table["status"]) == ["rejected", "finished"]  # refused before any compute
     assert "n_head" in table["error"][0]
 
 
@@ -106,10 +108,18 @@ def test_paper_small_experiment_builds_124m_model(cli):
     assert "123.6" in out or "123.7" in out, out  # ~124M parameters, as in the paper
 
 
-def test_bad_value_fails_before_training(cli):
+def test_bad_value_fails_before_training(cli, tmp_path):
+    """A config error: the message (as the README shows it), no traceback, exit status 2, no run directory."""
     proc = cli("dv=0", check=False)
-    assert proc.returncode != 0
-    assert "dv: got 0, allowed: an integer >= 1" in proc.stderr + proc.stdout
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.startswith("error: invalid configuration (1 problem):\n  model.dv: got 0, allowed: an integer")
+    assert "model.dv: got 0, allowed: an integer >= 1" in (ROOT / "README.md").read_text()
+    assert "Traceback" not in proc.stderr + proc.stdout and "Error executing job" not in proc.stderr
+    assert not (tmp_path / "run").exists()
+    # Hydra's own composition errors (an unknown choice) are config errors too
+    proc = cli("residual=gated", check=False)
+    assert proc.returncode == 2 and "Could not find 'residual/gated'" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
 
 
 @pytest.mark.parametrize(
@@ -166,3 +176,36 @@ def test_every_model_field_can_be_overridden_with_its_default():
     assert set(model) == set(fields)
     preset = {"dv", "n_layer", "n_head", "head_dim", "d_model", "vocab_size", "block_size"}  # conf/model, dv
     assert {k: v for k, v in model.items() if k not in preset} == {k: v for k, v in fields.items() if k not in preset}
+
+
+def test_every_run_validates_after_its_last_step(cli, tmp_path):
+    """150 steps with validation every 100: the run also validates after step 150 and reports that one,
+    in summary.json, in its last line and in csv/metrics.csv; the bar counts steps, and the noise is gone."""
+    proc = cli(*FAST, "logger=csv", "~callbacks.beta", "trainer.max_steps=150", "trainer.val_check_interval=100",
+               "trainer.log_every_n_steps=10", "callbacks.model_checkpoint.every_n_train_steps=0")  # fmt: skip
+    run = tmp_path / "run"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["val_step"] == 150, summary
+    metrics = pd.read_csv(run / "csv" / "metrics.csv")
+    val = metrics.dropna(subset=["val/loss"])
+    assert list(val["step"]) == [99, 149]  # Lightning logs the validation after step N under N - 1
+    assert summary["val_loss"] == pytest.approx(val["val/loss"].iloc[-1])
+    assert f"run finished: {run} (val loss {summary['val_loss']:.4f} at step 150)" in proc.stdout
+    out = proc.stdout + proc.stderr
+    assert "150/150" in out and "Epoch 0/-2" not in out  # the progress bar counts optimizer steps
+    for noise in ("litlogger", "isinstance(treespec, LeafSpec)"):
+        assert noise not in out, noise
+    assert not re.search(r"\bnan\b", out), "a missing figure printed as nan"
+
+
+def test_wandb_online_without_an_api_key_fails_at_once(tmp_path):
+    """WANDB_MODE=online means online: with no key anywhere (no WANDB_API_KEY, an empty HOME, no network
+    needed) the run stops before building anything, saying how to log in or log offline."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "NETRC"))}
+    env.update(HOME=str(tmp_path / "home"), WANDB_MODE="online", DEEPDELTA_CACHE=str(tmp_path / "cache"))
+    args = [sys.executable, str(ROOT / "src" / "train.py"), f"hydra.run.dir={tmp_path / 'run'}"]
+    proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "WANDB_MODE: got 'online', allowed: offline | disabled, or online once a W&B API key is set up" in proc.stderr
+    assert "wandb login" in proc.stderr and "logger=csv" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()  # refused before the run started

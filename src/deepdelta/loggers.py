@@ -1,4 +1,10 @@
-"""``csv/metrics.csv``: Lightning's CSVLogger, made safe across kills and in-place resumes.
+"""Loggers: ``csv/metrics.csv`` safe across kills and in-place resumes, and W&B modes as W&B users expect.
+
+W&B (`WandbLogger`): offline by default (``logger.wandb.offline=true``); ``WANDB_MODE``, when set, decides
+(``online``, ``offline``, ``disabled``), as it does for any W&B program. Lightning's own logger overwrote
+``WANDB_MODE=online`` with offline whenever ``offline=True``.
+
+CSV (`ResumableCSVLogger`):
 
 Lightning's writer deletes an existing ``metrics.csv`` when it starts, so a run resumed in its own
 directory (``resume=<run dir>``, a SLURM requeue) kept only the rows logged from the resume on. This
@@ -18,13 +24,16 @@ from __future__ import annotations
 
 import csv
 import math
+import netrc
 import os
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from typing_extensions import override
 
@@ -148,3 +157,38 @@ class ResumableCSVLogger(CSVLogger):
         self._fs.makedirs(self.root_dir, exist_ok=True)
         self._experiment = ResumableWriter(log_dir=self.log_dir, resume_step=self.resume_step)
         return self._experiment
+
+
+# WANDB_MODE values wandb accepts, by what they do
+WANDB_MODES = {"online": "online", "run": "online", "shared": "online", "offline": "offline", "dryrun": "offline",
+               "disabled": "disabled"}  # fmt: skip
+
+
+def wandb_mode(offline: bool) -> str:
+    """online | offline | disabled: ``WANDB_MODE`` when it is set, else ``logger.wandb.offline``."""
+    env = os.environ.get("WANDB_MODE", "").strip().lower()
+    return WANDB_MODES.get(env) or ("offline" if offline else "online")
+
+
+def find_wandb_api_key() -> str | None:
+    """Where wandb.init would find credentials (``WANDB_API_KEY``, an identity token file, the netrc entry of
+    ``WANDB_BASE_URL``'s host), or None: without any, online logging fails or waits for a prompt."""
+    for var in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE"):
+        if os.environ.get(var):
+            return var
+    host = urlsplit(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").netloc
+    path = Path(os.environ.get("NETRC") or Path.home() / ".netrc").expanduser()
+    try:
+        entry = netrc.netrc(path).authenticators(host)
+    except (OSError, netrc.NetrcParseError):
+        return None
+    return str(path) if entry and entry[2] else None
+
+
+class WandbLogger(LightningWandbLogger):
+    """Lightning's WandbLogger with W&B's meaning of ``WANDB_MODE`` (see the module docstring)."""
+
+    def __init__(self, *args: Any, offline: bool = True, **kwargs: Any) -> None:
+        super().__init__(*args, offline=wandb_mode(offline) == "offline", **kwargs)
+        # Lightning always passes `anonymous` (None here), which wandb deprecated: one warning per run for nothing
+        self._wandb_init.pop("anonymous", None)

@@ -6,9 +6,11 @@ Scheme (README "Resume, preemption, divergence"):
   O_EXCL before Hydra writes anything) and a second run pointed at it stops with an error;
 - ``resume=<run dir>`` continues that run in that directory: its original overrides are replayed
   (``<run dir>/.hydra/overrides.yaml``, new ones on the command line win) and training restarts from its
-  newest checkpoint (none yet: it starts there from scratch, so one command serves first start and requeue);
+  newest checkpoint (none yet: it starts there from scratch); a directory that holds no run is refused, so a
+  mistyped path never trains a new model;
 - ``ckpt_path=last`` means the newest checkpoint of the run directory, and fails when it has none;
-- a requeued SLURM job (``SLURM_RESTART_COUNT`` >= 1) resumes from its own directory's newest checkpoint.
+- a requeued SLURM job (``SLURM_RESTART_COUNT`` >= 1) resumes from its own directory's newest checkpoint;
+- a run rejected before it started (a config error) leaves its directory as it found it (`release`).
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import socket
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +30,29 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from deepdelta.errors import CONFIG_EXIT, UserError
+
 CLAIM = ".deepdelta-run"
 _UID: str | None = None
 
 
-class RunDirError(RuntimeError):
+class RunDirError(UserError, RuntimeError):
     """An output directory that cannot be used: not writable, or owned by another run."""
+
+    exit_code = CONFIG_EXIT
+
+
+@dataclass
+class _Before:
+    """A run directory as it was before this process claimed it and Hydra wrote into it."""
+
+    existed: bool
+    new_root: Path | None = None  # the outermost directory the claim creates (outputs/, outputs/runs/, ...)
+    entries: set[str] = field(default_factory=set)
+    hydra_files: dict[str, bytes] = field(default_factory=dict)
+
+
+_BEFORE: dict[Path, _Before] = {}  # run directories this process claimed, as they were before
 
 
 def run_uid() -> str:
@@ -144,23 +165,83 @@ def _live_owner(path: Path) -> str | None:
     return f"pid {pid} on {who.get('host')}"
 
 
+def _snapshot(directory: Path) -> _Before:
+    if not directory.is_dir():
+        root = directory.resolve()
+        while not root.parent.exists():
+            root = root.parent
+        return _Before(existed=False, new_root=root)
+    hydra = directory / ".hydra"
+    files = {p.name: p.read_bytes() for p in hydra.glob("*.yaml")} if hydra.is_dir() else {}
+    return _Before(existed=True, entries={p.name for p in directory.iterdir()}, hydra_files=files)
+
+
+def release(run_dir: Path) -> None:
+    """Leave ``run_dir`` as it was before this process claimed it, for a run rejected before it started:
+    a new directory goes; in an existing one (``resume=``) what Hydra added goes and the run's own
+    ``.hydra/*.yaml`` come back, so the next ``resume=`` replays the run's overrides, not the rejected ones."""
+    run_dir = Path(run_dir)
+    before = _BEFORE.pop(run_dir.resolve(), None)
+    if before is None or not run_dir.is_dir():
+        return
+    if not before.existed:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        # then the parents it created, while empty (another run may have started in them meanwhile)
+        parent, root = run_dir.resolve().parent, before.new_root
+        while root is not None and parent.is_relative_to(root):
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+            parent = parent.parent
+        return
+    for entry in run_dir.iterdir():
+        if entry.name not in before.entries:
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+    for name, data in before.hydra_files.items():
+        (run_dir / ".hydra" / name).write_bytes(data)
+
+
+def slurm_launcher_problem(config: DictConfig) -> str | None:
+    """Why the sweep's launcher cannot work on this machine (submitit's SLURM launcher needs `srun`)."""
+    target = str(OmegaConf.select(config, "hydra.launcher._target_", default="") or "")
+    if target.endswith("SlurmLauncher") and shutil.which("srun") is None:
+        return (
+            "hydra/launcher=slurm: this machine has no `srun`, so it cannot submit SLURM jobs; run the command "
+            "on a login node of your SLURM cluster, or run the sweep here without hydra/launcher=slurm (one job "
+            "after another) or with hydra/launcher=submitit_local (jobs in parallel)"
+        )
+    return None
+
+
 class RunDirGuard(Callback):
     """Hydra callback: claims the run (or sweep) directory before Hydra writes anything into it.
     Hydra turns exceptions raised by callbacks into warnings, so refusals exit through SystemExit."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         if is_rank_zero():
-            _or_exit(claim, Path(str(config.hydra.run.dir)), is_resuming(config))
+            run_dir = Path(str(config.hydra.run.dir))
+            before = _snapshot(run_dir)
+            _or_exit(claim, run_dir, is_resuming(config))
+            _BEFORE[run_dir.resolve()] = before
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        problem = slurm_launcher_problem(config)
+        if problem:
+            _exit(problem)
         _or_exit(claim, Path(str(config.hydra.sweep.dir)), False)
+
+
+def _exit(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(CONFIG_EXIT)
 
 
 def _or_exit(fn: Any, *args: Any) -> None:
     try:
         fn(*args)
     except RunDirError as exc:
-        raise SystemExit(f"Error: {exc}") from None  # printed to stderr, exit status 1
+        _exit(str(exc))
 
 
 def resume_argv(argv: list[str]) -> list[str]:
@@ -168,9 +249,14 @@ def resume_argv(argv: list[str]) -> list[str]:
     given = [a for a in argv[1:] if a.startswith("resume=")]
     if not given or "-m" in argv or "--multirun" in argv:
         return argv
-    saved = Path(given[-1].split("=", 1)[1]) / ".hydra" / "overrides.yaml"
-    if not saved.is_file():
-        return argv  # nothing ran there yet: a fresh start in that directory
+    run_dir = given[-1].split("=", 1)[1]
+    saved = Path(run_dir) / ".hydra" / "overrides.yaml"
+    if run_dir not in ("", "null") and not saved.is_file():  # a mistyped path must not train a new model
+        _exit(
+            f"resume: got {run_dir!r}, but no run is there (no {saved}), so there is nothing to resume; "
+            f"check the path (runs are in outputs/runs/, sweep jobs in outputs/sweeps/<sweep>/<job>), or start a new "
+            f"run in that directory with hydra.run.dir={run_dir} instead of resume="
+        )
     skip = ("resume=", "ckpt_path=", "hydra.")
     replay = [o for o in (yaml.safe_load(saved.read_text()) or []) if not str(o).lstrip("+~").startswith(skip)]
     if replay:

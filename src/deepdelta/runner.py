@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +17,11 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from deepdelta import validate
-from deepdelta.analysis.summary import run_summary
+from deepdelta.analysis.summary import run_summary, validation_text
 from deepdelta.batching import plan_batch
 from deepdelta.callbacks.checkpoint import AtomicCheckpointIO, stop_message
 from deepdelta.callbacks.faults import fault_callbacks
+from deepdelta.errors import CONFIG_EXIT, UserError
 from deepdelta.loggers import ResumableCSVLogger
 from deepdelta.model import ModelConfig, count_parameters, flops_per_token
 from deepdelta.module import DeltaLM
@@ -63,8 +65,10 @@ def build_loggers(
 def run(cfg: DictConfig, run_dir: Path, name: str = "", multirun: bool = False) -> float | None:
     """Train one configuration in ``run_dir``; returns the final validation loss.
 
-    Whatever happens, the run leaves a summary.json (status, error) and closes its W&B
-    run, so a failing sweep member is recorded and the next one starts clean."""
+    Whatever happens, the run leaves a summary.json (status, error) and closes its W&B run, so a failing
+    sweep member is recorded and the next one starts clean. A config rejected before any compute raises
+    its `UserError` with status "rejected" and, outside a multirun, writes nothing (the caller gives the
+    directory back, `deepdelta.rundir.release`)."""
     status, error, params = "failed", "", 0
     loggers: list[Any] = []
     trainer: L.Trainer | None = None
@@ -114,19 +118,33 @@ def run(cfg: DictConfig, run_dir: Path, name: str = "", multirun: bool = False) 
             print(f"resuming from {ckpt_path}")
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         status = "finished"
-    except SIGTERMException as exc:  # preempted: the checkpoint is on disk; exit 0 so it can be requeued
+    except UserError as exc:
+        if trainer is None and exc.exit_code == CONFIG_EXIT:  # refused before any compute
+            status, error = "rejected", str(exc)
+        else:
+            status, error = _failure(trainer, exc)
+        raise
+    except SIGTERMException as exc:  # preempted or Ctrl-C: the checkpoint is on disk; exit 0 (a requeue may follow)
         # empty when Lightning raised it between validation batches; the checkpoint callback
         # has saved the last step by then, so say the same as a stop at a step boundary
         saved = getattr(getattr(trainer, "checkpoint_callback", None), "last_model_path", "")
         step = trainer.global_step if trainer is not None else 0
-        status, error = "preempted", str(exc) or stop_message("SIGTERM", saved, step, run_dir)
+        reason = getattr(exc, "reason", "SIGTERM")
+        status = "interrupted" if reason == "SIGINT" else "preempted"
+        error = str(exc) or stop_message("SIGTERM", saved, step, run_dir)
         print(error)
         if multirun:
-            raise  # stop the sweep too: the scheduler wants this process gone
+            raise  # stop the sweep too: the scheduler (or the user) wants this process gone
+    except (KeyboardInterrupt, SystemExit) as exc:
+        # Ctrl-C before training started, or a second one during it (Lightning turns that into SystemExit(1))
+        if not (isinstance(exc, KeyboardInterrupt) or _interrupted(trainer)):
+            status, error = _failure(trainer, exc)
+            raise
+        status, error = "interrupted", _interrupt_message(trainer, run_dir)
+        print(error, file=sys.stderr)
+        raise SystemExit(130) from None  # the shell's status for a Ctrl-C
     except BaseException as exc:
-        if getattr(getattr(trainer, "checkpoint_callback", None), "preempted_by", None):
-            status = "preempted"  # e.g. submitit's requeue exit after our step-boundary save
-        error = f"{type(exc).__name__}: {exc}"
+        status, error = _failure(trainer, exc)
         raise
     finally:
         for logger in loggers:
@@ -135,13 +153,40 @@ def run(cfg: DictConfig, run_dir: Path, name: str = "", multirun: bool = False) 
             import wandb
 
             if wandb.run is not None:  # one W&B run per job, also in a multirun
-                wandb.finish(exit_code=0 if status in ("finished", "preempted") else 1)
+                wandb.finish(exit_code=0 if status in ("finished", "preempted", "interrupted") else 1)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()  # the next job of a multirun starts its own
-        if not cfg.dry_run and (trainer is None or trainer.is_global_zero):
+        recorded = status != "rejected" or multirun  # a rejected single run leaves no directory behind
+        if recorded and not cfg.dry_run and (trainer is None or trainer.is_global_zero):
             row = run_summary(run_dir, name or "default", status, params, error)
-            print(f"run {status}: {run_dir} (val loss {row['val_loss']:.4f})")
+            print(f"run {status}: {run_dir} ({validation_text(row)})")
     if trainer is None or status != "finished":
         return None
     val = trainer.callback_metrics.get("val/loss")
     return None if val is None or math.isnan(float(val)) else float(val)
+
+
+def _failure(trainer: L.Trainer | None, exc: BaseException) -> tuple[str, str]:
+    # e.g. submitit's requeue exit after our step-boundary save is a preemption, not a failure
+    preempted = getattr(getattr(trainer, "checkpoint_callback", None), "preempted_by", None)
+    return ("preempted" if preempted else "failed"), f"{type(exc).__name__}: {exc}"
+
+
+def _interrupted(trainer: L.Trainer | None) -> bool:
+    """A KeyboardInterrupt inside fit: Lightning tears down, marks the trainer interrupted and exits 1."""
+    callback = getattr(trainer, "checkpoint_callback", None)
+    return bool(getattr(callback, "hard_interrupt", False)) or (
+        trainer is not None and trainer.interrupted and trainer.state.stage is not None
+    )
+
+
+def _interrupt_message(trainer: L.Trainer | None, run_dir: Path) -> str:
+    """What a Ctrl-C that stopped the run at once says: the newest checkpoint, and how to go on."""
+    callback = getattr(trainer, "checkpoint_callback", None)
+    saved, step = getattr(callback, "last_model_path", ""), getattr(callback, "last_saved_step", None)
+    if trainer is None or trainer.global_step == 0:
+        return (f"Ctrl-C: stopped before training started, nothing trained; start again with: python src/train.py "
+                f"resume={run_dir}")  # fmt: skip
+    kept = f"the newest checkpoint is {saved} (step {step})" if saved else "no checkpoint was saved"
+    return (f"Ctrl-C: stopped at step {trainer.global_step} without saving; {kept}; resume with: python "
+            f"src/train.py resume={run_dir}")  # fmt: skip

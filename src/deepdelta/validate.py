@@ -15,10 +15,12 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from deepdelta.errors import CONFIG_EXIT, UserError
 from deepdelta.model import ModelConfig
 from deepdelta.model.accounting import matmul_weights
 
@@ -29,8 +31,10 @@ MIN_FREE_BYTES = 64 << 20  # logs, W&B files and CSVs besides the checkpoints
 _UNSET = object()
 
 
-class ConfigError(ValueError):
-    """Every problem of a config, one per line."""
+class ConfigError(UserError, ValueError):
+    """Every problem of a config, one per line; found before any compute (exit status 2)."""
+
+    exit_code = CONFIG_EXIT
 
     def __init__(self, problems: list[str]):
         self.problems = list(problems)
@@ -170,6 +174,8 @@ def problems(cfg: DictConfig, run_dir: Path | None = None, multirun: bool = Fals
     # data
     data_ok = _data_problems_static(c, model_cfg)
 
+    _wandb_problems(c)
+
     # checkpointing, divergence, resume
     if c.get("callbacks.model_checkpoint", None) not in (None, _UNSET):
         c.integer("callbacks.model_checkpoint.every_n_train_steps", 0, extra=" (0: only at the end)", optional=True)
@@ -212,17 +218,20 @@ def _data_problems_static(c: _Checker, model_cfg: ModelConfig | None) -> bool:
     if c.get("data.sampling", None) is not None:
         c.choice("data.sampling", ("random", "sequential"))
     c.integer("data.max_tokens", 1, optional=True)
-    if model_cfg is not None and isinstance(block, int) and block > model_cfg.block_size:
-        c.bad("data.block_size", block, f"at most model.block_size={model_cfg.block_size} (RoPE tables, masks)")
-    if tokenizer is not _UNSET and model_cfg is not None:
+    # the model's own sizes, also when another model field is invalid: every problem in one report
+    model_block = model_cfg.block_size if model_cfg is not None else _plain_int(c.get("model.block_size", None))
+    model_vocab = model_cfg.vocab_size if model_cfg is not None else _plain_int(c.get("model.vocab_size", None))
+    if model_block is not None and isinstance(block, int) and block > model_block:
+        c.bad("data.block_size", block, f"at most model.block_size={model_block} (RoPE tables, masks)")
+    if tokenizer is not _UNSET and model_vocab is not None:
         try:
             vocab = vocab_size_of(tokenizer, c.get("data.bpe_vocab_size", 8192))
         except (DataError, TypeError, ValueError) as exc:
             c.errs.append(f"data.bpe_vocab_size: {exc}")
         else:
-            if model_cfg.vocab_size < vocab:
+            if model_vocab < vocab:
                 allowed = f">= {vocab} (the vocabulary of tokenizer {tokenizer!r})"
-                c.bad("model.vocab_size", model_cfg.vocab_size, allowed)
+                c.bad("model.vocab_size", model_vocab, allowed)
     if "global_batch" in c.cfg:  # its split over devices is checked where the world size is known
         c.integer("global_batch", 1, optional=True)
     if len(c.errs) > n or source is _UNSET or any(e.startswith("data.") for e in c.errs):
@@ -237,6 +246,39 @@ def _data_problems_static(c: _Checker, model_cfg: ModelConfig | None) -> bool:
         c.errs.append(f"data: {cause}")
         return False
     return True
+
+
+def _plain_int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _wandb_problems(c: _Checker) -> None:
+    """Online W&B needs an API key: without one wandb.init would fail (or prompt) only after the model and
+    data are built; find that out now. Mode as `deepdelta.loggers.wandb_mode` decides it."""
+    from deepdelta.loggers import WANDB_MODES, find_wandb_api_key, wandb_mode
+
+    conf = c.get("logger.wandb", None)
+    if not isinstance(conf, dict):
+        return  # logger=csv: no W&B at all
+    env = os.environ.get("WANDB_MODE", "")
+    if env and env.strip().lower() not in WANDB_MODES:
+        c.errs.append(f"WANDB_MODE: got {env!r}, allowed: online | offline | disabled, or unset (then logger.wandb."
+                      "offline decides)")  # fmt: skip
+        return
+    offline = conf.get("offline", True)
+    if not isinstance(offline, bool):
+        c.bad("logger.wandb.offline", offline, "true | false")
+        return
+    if wandb_mode(offline) != "online" or find_wandb_api_key():
+        return
+    host = urlsplit(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").netloc
+    setup = (f"once a W&B API key is set up, and none is here (WANDB_API_KEY is unset, ~/.netrc has no {host} "
+             "entry): run `wandb login` (or set WANDB_API_KEY), or log offline and `wandb sync` later, or use "
+             "logger=csv")  # fmt: skip
+    if env:
+        c.errs.append(f"WANDB_MODE: got {env!r}, allowed: offline | disabled, or online {setup}")
+    else:
+        c.errs.append(f"logger.wandb.offline: got false, allowed: true, or false {setup}")
 
 
 def checkpoint_bytes(model_cfg: ModelConfig) -> int:

@@ -33,6 +33,12 @@ def env(cache_dir: Path, **extra: str) -> dict[str, str]:
             "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}  # fmt: skip
 
 
+def _terminal_sigint() -> None:
+    """Ctrl-C as in a terminal: a suite started in the background (``make test &``) hands its children
+    SIGINT ignored, and Python keeps it so."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Train:
     """``python src/train.py ARGS`` in the background; stdout+stderr go to ``log``."""
 
@@ -41,7 +47,7 @@ class Train:
         self._out = open(log, "w")  # noqa: SIM115 - closed in wait()
         self.proc = subprocess.Popen(
             [sys.executable, str(ROOT / "src" / "train.py"), *args],
-            cwd=cwd, env=environ, stdout=self._out, stderr=subprocess.STDOUT,
+            cwd=cwd, env=environ, stdout=self._out, stderr=subprocess.STDOUT, preexec_fn=_terminal_sigint,
         )  # fmt: skip
 
     def output(self) -> str:

@@ -157,9 +157,18 @@ def test_resume_replays_the_runs_overrides(tmp_path):
     (tmp_path / ".hydra" / "overrides.yaml").write_text("- dv=2\n- model.n_layer=2\n- resume=/old\n- ckpt_path=last\n")
     argv = resume_argv(["train.py", f"resume={tmp_path}", "trainer.max_steps=50"])
     assert argv == ["train.py", "dv=2", "model.n_layer=2", f"resume={tmp_path}", "trainer.max_steps=50"]
-    fresh = tmp_path / "not_yet"
-    assert resume_argv(["train.py", f"resume={fresh}"]) == ["train.py", f"resume={fresh}"]
     assert os.path.basename(resume_argv(["train.py", "dv=1"])[0]) == "train.py"
+
+
+def test_resume_of_a_directory_without_a_run_is_refused(tmp_path, capsys):
+    """A mistyped ``resume=`` must not train a new model from scratch: it stops with status 2, naming the path."""
+    typo = tmp_path / "not_a_run"
+    with pytest.raises(SystemExit) as info:
+        resume_argv(["train.py", f"resume={typo}", "trainer.max_steps=50"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: resume: got '{typo}', but no run is there") and "nothing to resume" in err
+    assert not typo.exists()
 
 
 # -- preemption by SIGUSR1 (SLURM's requeue signal), in-process -------------------------------------------------
@@ -202,6 +211,27 @@ def test_sigusr1_saves_at_step_boundary_requeues_and_exits_zero(tmp_path, monkey
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 7
     assert (tmp_path / "scontrol.args").read_text().split() == ["requeue", "4242"]
     assert signal.getsignal(signal.SIGUSR1) is not checkpoint._on_signal  # handler restored after fit
+
+
+def test_sigint_saves_at_step_boundary_and_exits_zero(tmp_path):
+    """Ctrl-C: the same step-boundary save as SIGTERM, a clean exit with the resume command, reason SIGINT
+    (the runner records it as "interrupted"), and Python's Ctrl-C handler back after fit."""
+    checkpoint = Checkpoint(dirpath=tmp_path / "checkpoints", save_top_k=0, every_n_train_steps=5)
+    trainer = L.Trainer(
+        max_steps=12, logger=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        callbacks=[checkpoint, SignalAt(7, signal.SIGINT)], plugins=[AtomicCheckpointIO()], default_root_dir=tmp_path,
+    )  # fmt: skip
+    # Python's own Ctrl-C handler, as in a terminal (a suite started in the background inherits SIGINT ignored)
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(Preempted) as info:
+            trainer.fit(Noisy())
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, outer)
+    assert info.value.code == 0 and info.value.reason == "SIGINT"
+    assert str(info.value).startswith("Ctrl-C (SIGINT) received: saved") and f"resume={tmp_path}" in str(info.value)
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 7
 
 
 def test_run_directories_are_unique(tmp_path):

@@ -254,7 +254,8 @@ def test_queue_runs_every_job_records_the_failure_and_goes_on(failed_sweep):
         summary = run.json(f"{num}/summary.json")
         assert summary["status"] == status
         assert summary["tokens"] == TOKENS if status == "finished" else 0 < summary["tokens"] < TOKENS
-    assert "Diverged: training diverged at step 8" in run.files["logs/1.log"]
+    assert "error: training diverged at step 8" in run.files["logs/1.log"]  # the message, no traceback
+    assert "Traceback" not in run.files["logs/1.log"]
     table = pd.read_csv(io.StringIO(run.files["summary.csv"]))
     assert list(table["job"]) == [0, 1, 2] and list(table["status"]) == ["finished", "failed", "finished"]
     assert "Diverged: training diverged at step 8" in table["error"][1]

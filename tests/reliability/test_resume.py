@@ -62,6 +62,24 @@ def test_sigterm_saves_exits_zero_and_resume_continues(train, tmp_path, referenc
     assert_same_logs(reference, run, validation=False)
 
 
+def test_sigint_saves_exits_zero_with_the_resume_command(train, tmp_path):
+    """Ctrl-C: saved at the next step boundary, status "interrupted", exit 0, the resume command printed (the
+    resume itself is the SIGTERM test's: the same step-boundary checkpoint)."""
+    run = tmp_path / "interrupted"
+    job = train(run_dir=run, background=True)
+    job.wait_for(lambda: last_step(run) >= 10, "the first checkpoint")
+    job.send(signal.SIGINT)
+    assert job.wait() == 0, job.output()[-3000:]
+    saved = last_step(run)
+    assert 10 <= saved < 40
+    out = job.output()
+    assert "Traceback" not in out
+    assert f"Ctrl-C (SIGINT) received: saved {run / 'checkpoints' / 'last.ckpt'} at step {saved}" in out
+    assert f"resume with: python src/train.py resume={run}" in out
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and f"resume={run}" in summary["error"], summary
+
+
 def test_kill_during_checkpoint_write_keeps_previous_checkpoint(train, tmp_path, reference):
     run = tmp_path / "torn"
     job = train(run_dir=run, background=True, DEEPDELTA_FAULT_CKPT_STALL="20")  # the step-20 write stalls

@@ -114,18 +114,22 @@ def test_full_output_directory(configs, tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_cli_reports_all_problems_before_any_compute(cli, tmp_path):
-    proc = cli("trainer.max_steps=0", "optim.lr=-1", "data.block_size=512", check=False)
+    """One report of every problem (the model's sizes are checked against the data even when another model
+    field is bad), no traceback, exit status 2, and no run directory left behind."""
+    proc = cli("dv=0", "trainer.max_steps=0", "optim.lr=-1", "data.block_size=512", "model.vocab_size=10", check=False)
     out = proc.stdout + proc.stderr
-    assert proc.returncode != 0
-    assert "invalid configuration (3 problems)" in out
+    assert proc.returncode == 2, out[-3000:]
+    assert "invalid configuration (5 problems)" in out
     assert "data.block_size: got 512, allowed: at most model.block_size=128" in out
-    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "csv").exists()
+    assert "model.vocab_size: got 10, allowed: >= 256 (the vocabulary of tokenizer 'byte')" in out
+    assert "Traceback" not in out and "run failed" not in out and "val loss nan" not in out
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.slow
 def test_cli_ckpt_path_last_needs_a_checkpoint_of_this_run(cli, tmp_path):
     proc = cli("ckpt_path=last", check=False)
-    assert proc.returncode != 0
+    assert proc.returncode == 2 and not (tmp_path / "run").exists()
     assert "ckpt_path: got 'last', but" in proc.stderr + proc.stdout
     assert "resume=<its run dir>" in proc.stderr + proc.stdout
 
@@ -136,8 +140,8 @@ def test_cli_never_reuses_another_runs_directory(cli, tmp_path):
     run.mkdir()
     (run / "summary.json").write_text("{}")
     proc = cli("trainer.max_steps=1", check=False)
-    assert proc.returncode != 0
-    assert f"output directory {run} is already used" in proc.stderr + proc.stdout
+    assert proc.returncode == 2
+    assert f"error: output directory {run} is already used" in proc.stderr
     assert not (run / ".hydra").exists()  # refused before Hydra wrote anything into it
 
 

@@ -32,11 +32,13 @@ TMP_MARK = ".tmp-"  # staged files are ".{name}.tmp-{pid}" next to their target
 
 
 class Preempted(SIGTERMException):
-    """Raised at a step boundary after SIGTERM/SIGUSR1 once the checkpoint is on disk; exits with status 0."""
+    """Raised at a step boundary after SIGTERM/SIGUSR1/SIGINT once the checkpoint is on disk; exits with status 0.
+    ``reason``: the signal's name (SIGINT: the user's Ctrl-C, recorded as "interrupted", not "preempted")."""
 
-    def __init__(self, message: str):
+    def __init__(self, message: str, reason: str = "SIGTERM"):
         super().__init__(0)  # SystemExit(0): a clean exit, the scheduler may requeue
         self.message = message
+        self.reason = reason
 
     def __str__(self) -> str:
         return self.message
@@ -46,7 +48,8 @@ def stop_message(reason: str, saved: str, step: int, run_dir: Path) -> str:
     """What a run stopped by a signal prints: what it saved at which step (if anything), and
     the command that resumes it."""
     where = f"saved {saved} at step {step} and stopped" if saved else "stopped"
-    return f"{reason} received: {where}; resume with: python src/train.py resume={run_dir}"
+    what = "Ctrl-C (SIGINT)" if reason == "SIGINT" else reason
+    return f"{what} received: {where}; resume with: python src/train.py resume={run_dir}"
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -149,9 +152,9 @@ def _as_tuple(value: Any) -> Any:
 
 class Checkpoint(ModelCheckpoint):
     """ModelCheckpoint that saves ``last.ckpt`` every N steps *and* at the final step, saves and stops on
-    SIGTERM/SIGUSR1 at the next step boundary (requeueing the job under SLURM on SIGUSR1), and keeps the RNG
-    state so a resumed run continues bit for bit. Validation is made RNG-neutral so it cannot shift the
-    training stream between a save and the next step."""
+    SIGTERM/SIGUSR1/SIGINT at the next step boundary (requeueing the job under SLURM on SIGUSR1), and keeps the
+    RNG state so a resumed run continues bit for bit. Validation is made RNG-neutral so it cannot shift the
+    training stream between a save and the next step. A second Ctrl-C stops at once, without saving."""
 
     def __init__(self, **kwargs: Any):
         kwargs.setdefault("save_last", True)
@@ -160,6 +163,7 @@ class Checkpoint(ModelCheckpoint):
         self._signal: str | None = None
         self._previous: dict[int, Any] = {}  # signal -> the handler we displaced (submitit's, ...)
         self.preempted_by: str | None = None  # read by the runner: "preempted", not "failed"
+        self.hard_interrupt = False  # a second Ctrl-C stopped the run where it was, without saving
         self.last_saved_step: int | None = None  # the step of last_model_path, also after a resume
         self._pending_rng: dict[str, Any] | None = None
         self._val_rng: dict[str, Any] | None = None
@@ -179,13 +183,16 @@ class Checkpoint(ModelCheckpoint):
         # Installed after Lightning registered its handlers, whose teardown (also after an exception) puts back
         # what was there before fit, ours included. SIGUSR2 is submitit's requeue signal: taken over only when
         # a handler is installed, and that handler is called after our save.
+        # SIGINT (Ctrl-C) only where Python's default handler is in place (not under a launcher's own).
         super().on_train_start(trainer, pl_module)
-        if not hasattr(signal, "SIGUSR1"):
-            return
         self._previous = {}
-        for sig in (signal.SIGUSR1, signal.SIGUSR2):
+        for sig in (signal.SIGINT, getattr(signal, "SIGUSR1", None), getattr(signal, "SIGUSR2", None)):
+            if sig is None:
+                continue
             previous = signal.getsignal(sig)
-            if sig == signal.SIGUSR2 and not callable(previous):
+            if sig == signal.SIGINT and previous not in (signal.default_int_handler, signal.SIG_DFL):
+                continue  # SIG_IGN (nohup, a background job) or a launcher's own handler: theirs
+            if sig == getattr(signal, "SIGUSR2", None) and not callable(previous):
                 continue
             try:
                 self._previous[sig] = signal.signal(sig, self._on_signal)
@@ -194,7 +201,13 @@ class Checkpoint(ModelCheckpoint):
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         # only set a flag: saving inside a signal handler could capture a half-applied optimizer step
-        self._signal = signal.Signals(signum).name
+        name = signal.Signals(signum).name
+        if name == "SIGINT" and self._signal == "SIGINT":  # the second Ctrl-C: stop now, as Ctrl-C always does
+            self.hard_interrupt = True
+            raise KeyboardInterrupt
+        if name == "SIGINT":  # os.write: print() here could re-enter a stream the main thread is writing to
+            os.write(2, b"\nCtrl-C: saving at the end of this step, then stopping (Ctrl-C again: stop now, unsaved)\n")
+        self._signal = name
 
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -239,19 +252,20 @@ class Checkpoint(ModelCheckpoint):
                 logger.save()
             rank_zero_info(f"{reason}: saved {self.last_model_path} at step {trainer.global_step}")
             previous = self._previous.get(getattr(signal, reason, None))
-            if callable(previous):  # e.g. submitit: it requeues the job and exits its own way
+            if callable(previous) and reason != "SIGINT":  # e.g. submitit: it requeues the job, exits its own way
                 previous(getattr(signal, reason), None)
             elif reason == "SIGUSR1":
                 _slurm_requeue(trainer)
-            raise Preempted(
-                stop_message(reason, self.last_model_path, trainer.global_step, Path(self.dirpath or ".").parent)
-            )
+            run_dir = Path(self.dirpath or ".").parent
+            raise Preempted(stop_message(reason, self.last_model_path, trainer.global_step, run_dir), reason)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._last_global_step_saved != trainer.global_step:  # stopped early (max_epochs, should_stop, ...)
             self.save_last_now(trainer)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, KeyboardInterrupt):  # Ctrl-C outside our handler, or the second one
+            self.hard_interrupt = True
         # SIGTERM during validation: Lightning stops between validation batches; keep the progress
         if isinstance(exception, SIGTERMException) and not isinstance(exception, Preempted):
             self.preempted_by = "SIGTERM"

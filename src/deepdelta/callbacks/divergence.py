@@ -13,9 +13,12 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 
+from deepdelta.errors import UserError
 
-class Diverged(RuntimeError):
-    """A non-finite loss or gradient with no skips left; the message says where and what to do."""
+
+class Diverged(UserError, RuntimeError):
+    """A non-finite loss or gradient with no skips left; the message says where and what to do (the CLI prints
+    it without a traceback: the cause is the run's settings, not the code)."""
 
 
 class DivergenceGuard(Callback):
