@@ -1,4 +1,5 @@
-"""Both notebooks execute headless (nbclient) on the tiny sweep and show figures."""
+"""Both notebooks execute headless (nbclient) on the tiny sweep, given as a path relative to the repository
+root, and show figures."""
 
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ pytestmark = pytest.mark.slow
     "notebook, variable, job", [("beta_dashboard", "DEEPDELTA_RUN", "0"), ("sweep_report", "DEEPDELTA_SWEEP", "")]
 )
 def test_notebook_executes(tiny_sweep, monkeypatch, notebook, variable, job):
-    monkeypatch.setenv(variable, str(tiny_sweep / job) if job else str(tiny_sweep))  # the kernel inherits it
+    # relative to the repository root, as `make report RUN=...` takes it; the kernel runs in notebooks/
+    where = os.path.relpath(tiny_sweep / job if job else tiny_sweep, ROOT)
+    monkeypatch.setenv(variable, where)  # the kernel inherits it
     book = nbformat.read(ROOT / "notebooks" / f"{notebook}.ipynb", as_version=4)
     NotebookClient(
         book, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT / "notebooks")}}

@@ -254,6 +254,23 @@ def baseline_for(group: Group, groups: list[Group]) -> Group | None:
     return min(candidates, key=distance)
 
 
+REPO_ROOT = Path(__file__).resolve().parents[3]  # src/deepdelta/analysis/runs.py -> the checkout
+
+
+def locate(path: str | Path, start: Path | None = None) -> Path:
+    """A run or sweep directory given as on the command line: a relative path is taken from the repository
+    root (as ``make report RUN=...`` takes it), so a notebook whose kernel runs in ``notebooks/`` finds
+    ``outputs/runs/<run>``; then from ``start`` (default: the working directory)."""
+    path = Path(path).expanduser()
+    here = Path(start or Path.cwd()).resolve()
+    checkout = next((p for p in (here, *here.parents) if (p / "pyproject.toml").is_file()), REPO_ROOT)
+    tried = [path] if path.is_absolute() else list(dict.fromkeys([checkout / path, REPO_ROOT / path, here / path]))
+    for candidate in tried:
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError(f"{path}: no such directory (looked for {', '.join(map(str, tried))})")
+
+
 def newest(kind: str, start: Path | None = None) -> Path:
     """The newest directory under ``outputs/{kind}`` (kind: ``runs`` or ``sweeps``), looked
     for from ``start`` (default: the working directory) upwards, so a notebook opened in
