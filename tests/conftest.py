@@ -12,6 +12,14 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def wandb_offline():
+    """Tests never log to W&B online, whatever WANDB_MODE the shell has (tests of the modes set their own)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("WANDB_MODE", "offline")
+        yield
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One token cache for the whole session, so the embedded corpus is tokenised once."""

@@ -65,7 +65,9 @@ BAD = [
 def configs():
     """``configs(*overrides)``: the composed config, as `python src/train.py OVERRIDES` would see it."""
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        yield lambda *overrides: compose("train", overrides=["paths.output_dir=unused", *overrides])
+        make = lambda *overrides: compose("train", overrides=["paths.output_dir=unused", *overrides])  # noqa: E731
+        validate.problems(make())  # imports (data sources, tokenizers) once, outside the timed cases
+        yield make
 
 
 @pytest.mark.parametrize("overrides, message", BAD)
@@ -88,6 +90,26 @@ def test_every_problem_is_reported_at_once(configs, tmp_path):
 def test_default_config_is_valid(configs, tmp_path):
     assert validate.problems(configs(), tmp_path) == []
     assert validate.problems(configs("experiment=paper_small", "trainer=cpu", "data=pysource"), tmp_path) == []
+
+
+def test_online_wandb_without_an_api_key_is_a_config_problem(configs, tmp_path, monkeypatch):
+    """Online W&B without credentials would fail (or wait for a prompt) after data and model are built."""
+    for key in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL", "NETRC"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    (found,) = validate.problems(configs("logger.wandb.offline=false"), tmp_path)
+    assert found.startswith("logger.wandb.offline: got false, allowed: true, or false once a W&B API key is set up")
+    assert "wandb login" in found and "logger=csv" in found
+    monkeypatch.setenv("WANDB_MODE", "online")
+    (found,) = validate.problems(configs(), tmp_path)
+    assert found.startswith("WANDB_MODE: got 'online', allowed: offline | disabled, or online once")
+    assert validate.problems(configs("logger=csv"), tmp_path) == []  # no W&B, no key needed
+    monkeypatch.setenv("WANDB_MODE", "onlin")
+    (found,) = validate.problems(configs(), tmp_path)
+    assert found.startswith("WANDB_MODE: got 'onlin', allowed: online | offline | disabled")
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.setenv("WANDB_API_KEY", "0123456789abcdef")
+    assert validate.problems(configs(), tmp_path) == []
 
 
 def test_resume_is_a_single_run_option(configs, tmp_path):
