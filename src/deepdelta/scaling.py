@@ -62,6 +62,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides for both runs")
     a = p.parse_args(argv)
+    import torch
+
+    # a missing GPU is the user's setup, not a crash: say so before any run (trainer.accelerator=cpu: the CPU test)
+    visible = torch.cuda.device_count()
+    if "trainer.accelerator=cpu" not in a.overrides and visible < a.gpus:
+        fewer = f"make bench-ddp GPUS={visible}" if visible >= 2 else "run it on a machine with 2 or more GPUs"
+        p.exit(2, f"error: --gpus {a.gpus}: {visible} CUDA GPU(s) visible here, DDP scaling needs {a.gpus} GPUs of "
+                  f"one node; {fewer}\n")  # fmt: skip
     common = [
         f"model={a.model}", f"compile={str(a.compile).lower()}", f"global_batch={a.micro * a.gpus}",
         f"data.batch_size={a.micro}",
