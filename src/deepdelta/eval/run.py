@@ -35,10 +35,11 @@ def _hub_reachable() -> bool:
     return not hf_offline() and url_reachable(hf_endpoint())
 
 
-def build_tasks(names: list[str], paths: list[Path]) -> dict[str, Any]:
+def build_tasks(names: list[str], paths: list[Path]) -> tuple[dict[str, Any], Any]:
     """The harness's Task objects, one name at a time so that a failure names its task. With
     the hub unreachable, the datasets libraries are put offline first: a cached copy is used
-    and a missing one fails at once instead of retrying."""
+    and a missing one fails at once instead of retrying. Returns them and the TaskManager
+    (indexing the harness's own tasks takes ~10 s: it is built once, and only when needed)."""
     from lm_eval.tasks import TaskManager, get_task_dict
 
     from deepdelta.data.network import honour_hf_offline
@@ -65,7 +66,7 @@ def build_tasks(names: list[str], paths: list[Path]) -> dict[str, Any]:
                     "(the same command; the datasets cache is HF_HOME), then run with HF_DATASETS_OFFLINE=1, "
                     "or point tasks= at a local task YAML (see the README's Evaluate section)"
                 ) from None
-    return tasks
+    return tasks, manager
 
 
 def _metrics(results: dict[str, Any], n_samples: dict[str, Any], n_shot: dict[str, Any]) -> dict[str, Any]:
@@ -107,12 +108,13 @@ def evaluate(
     from deepdelta.eval.lm import DeepDeltaLM
 
     names, shots, average, paths = resolve(spec, num_fewshot)
-    tasks = build_tasks(names, paths)
+    tasks, manager = build_tasks(names, paths)
     start = time.time()
     lm = DeepDeltaLM(model, tokenizer, batch_size=batch_size)
     raw = simple_evaluate(
         lm,
         tasks=list(tasks.values()),
+        task_manager=manager,
         num_fewshot=shots,
         limit=limit,
         bootstrap_iters=1000,
