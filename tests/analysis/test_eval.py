@@ -180,3 +180,17 @@ def test_user_mistakes_are_one_line(tmp_path, capsys, args, message):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_generate_until_is_greedy_decoding_cut_at_the_stop_string(model):
+    from deepdelta.model.decode import generate
+
+    lm = DeepDeltaLM(model, ByteTokenizer())
+    prompts = ["def f(", "x = 1\n"]
+    requests = [SimpleNamespace(args=(p, {"until": ["\n", ")"], "max_gen_toks": 12})) for p in prompts]
+    got = lm.generate_until(requests, disable_tqdm=True)
+    for prompt, text in zip(prompts, got, strict=True):
+        ids = torch.tensor([list(prompt.encode())])
+        new = generate(model, ids, 12, temperature=0.0, stop_token_ids={0})[0, ids.shape[1] :].tolist()
+        want = bytes(t for t in new if t != 0).decode("utf-8", errors="replace").split("\n")[0].split(")")[0]
+        assert text == want and "\n" not in text
