@@ -66,3 +66,11 @@ def test_tune_sets_inductor_config():
         bench.apply_tune("nothing.x=1")
     with pytest.raises(ValueError):
         bench.apply_tune("inductor.no_such_knob=1")
+
+
+def test_paper_six_set_at_either_impl(capsys):
+    rows = bench.main(["--device", "cpu", "--batch", "1", "--seq", "16", "--steps", "1", "--warmup", "0",
+                       "--variants", "paper_six", "--impl", "paper"])  # fmt: skip
+    assert [r["variant"] for r in rows] == list(bench.VARIANT_SETS["paper_six"])
+    assert all("error" not in r for r in rows)
+    assert "impl=paper" in capsys.readouterr().out

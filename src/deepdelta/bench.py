@@ -43,6 +43,10 @@ VARIANTS: dict[str, dict] = {
     "ddl-tc-ec-dv4": dict(residual="ddl", compressor="tc", expand="conv", dv=4),
 }
 DEFAULT_VARIANTS = tuple(VARIANTS)
+# named lists for --variants: the paper's six models (DDL-CC = ddl-cc-ec-dv4, "w/o EC" = rep)
+VARIANT_SETS = {
+    "paper_six": ("additive", "ddl-dv1", "ddl-tc-rep-dv4", "ddl-cc-rep-dv4", "ddl-tc-ec-dv4", "ddl-cc-ec-dv4"),
+}
 _NAME = re.compile(r"^(additive|ddl|write_only)(?:-(cc|tc))?(?:-(ec|rep))?(?:-dv(\d+))?(?:-(plain|fused))?(-bf16)?$")
 
 # Dense bf16 peak (no sparsity) by a substring of the device name; first match wins.
@@ -110,11 +114,12 @@ def bench_variant(
     mode: str | None = None,
     profile: Path | None = None,
     regional: bool = True,
+    impl: str = "reference",
 ) -> dict:
     """Build, compile, warm up and time one variant; returns one table row."""
     torch.manual_seed(0)
     block_size = max(seq, ModelConfig.preset(preset).block_size)
-    cfg = ModelConfig.preset(preset, **variant_overrides(name), block_size=block_size)
+    cfg = ModelConfig.preset(preset, **variant_overrides(name), block_size=block_size, impl=impl)
     model = DeltaTransformer(cfg).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     optimizer = make_optimizer(model, lr=1e-4, weight_decay=0.1)
@@ -269,7 +274,12 @@ def apply_tune(item: str) -> None:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m deepdelta.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help="comma-separated variant names")
+    p.add_argument(
+        "--variants",
+        default=",".join(DEFAULT_VARIANTS),
+        help=f"comma-separated variant names, or a set: {', '.join(VARIANT_SETS)}",
+    )
+    p.add_argument("--impl", choices=("reference", "paper"), default="reference", help="the model's impl (config)")
     p.add_argument("--preset", choices=("small", "tiny", "medium"), help="default: small on CUDA, tiny on CPU")
     p.add_argument("--batch", type=int, help="sequences per step (default: 16 on CUDA, 4 on CPU)")
     p.add_argument("--seq", default=None, help="tokens per sequence, or a comma list (default: preset block_size)")
@@ -307,7 +317,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     steps = args.steps or (20 if gpu else 3)
     warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)
     do_compile = gpu if args.compile is None else args.compile
-    names = [n.strip() for n in args.variants.split(",") if n.strip()]
+    names = [v for n in args.variants.split(",") if n.strip() for v in VARIANT_SETS.get(n.strip(), (n.strip(),))]
     for n in names:
         variant_overrides(n)  # fail early on a bad name
     configure_torch()
@@ -317,7 +327,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     print(
         f"# deepdelta.bench: {where}, torch {torch.__version__}, preset={preset}, batch={batch}, T={seqs}, "
         f"steps={steps}, warmup={warmup}, compile={do_compile}, regional={args.regional}, loss={args.loss}, "
-        f"tune={args.tune}, "
+        f"tune={args.tune}, impl={args.impl}, "
         f"dtype={'bf16 autocast' if gpu else 'fp32'}",
         flush=True,
     )
@@ -338,6 +348,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
                     args.mode,
                     args.profile,
                     args.regional,
+                    args.impl,
                 )
             except torch.OutOfMemoryError:
                 row = dict(variant=name, seq=seq, batch=batch, error="OOM")
