@@ -162,8 +162,28 @@ def run(cfg: DictConfig, run_dir: Path, name: str = "", multirun: bool = False) 
             print(f"run {status}: {run_dir} ({validation_text(row)})")
     if trainer is None or status != "finished":
         return None
+    if (cfg.get("eval") or {}).get("tasks") and trainer.is_global_zero:
+        evaluate_run(cfg, module.model, datamodule.tokenizer, run_dir)
     val = trainer.callback_metrics.get("val/loss")
     return None if val is None or math.isnan(float(val)) else float(val)
+
+
+def evaluate_run(cfg: DictConfig, model: torch.nn.Module, tokenizer: Any, run_dir: Path) -> None:
+    """Downstream tasks of the trained model (``eval.tasks``) into eval.json and the run's W&B run. A
+    failure here (say, an offline hub) is reported and leaves the finished training as it is: the
+    same evaluation runs later with ``python -m deepdelta.eval RUN_DIR``."""
+    from deepdelta.eval.run import EvalError, evaluate, log_to_wandb, write
+
+    e = cfg.eval
+    try:
+        result = evaluate(model, tokenizer, str(e.tasks), num_fewshot=e.get("num_fewshot"), limit=e.get("limit"),
+                          batch_size=int(e.get("batch_size") or 16), seed=int(cfg.seed))  # fmt: skip
+        result["source"] = str(run_dir)
+        print(f"evaluation: wrote {write(run_dir, result)}")
+        log_to_wandb(run_dir, result)
+    except EvalError as exc:
+        print(f"evaluation failed, the training run is kept: {exc}; later: python -m deepdelta.eval {run_dir} "
+              f"tasks={e.tasks}", file=sys.stderr)  # fmt: skip
 
 
 def _failure(trainer: L.Trainer | None, exc: BaseException) -> tuple[str, str]:

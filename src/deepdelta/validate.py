@@ -175,6 +175,7 @@ def problems(cfg: DictConfig, run_dir: Path | None = None, multirun: bool = Fals
     data_ok = _data_problems_static(c, model_cfg)
 
     _wandb_problems(c)
+    _eval_problems(c)
 
     # checkpointing, divergence, resume
     if c.get("callbacks.model_checkpoint", None) not in (None, _UNSET):
@@ -250,6 +251,29 @@ def _data_problems_static(c: _Checker, model_cfg: ModelConfig | None) -> bool:
 
 def _plain_int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _eval_problems(c: _Checker) -> None:
+    """``eval.tasks`` (downstream evaluation when the run finishes): a task list that resolves, and
+    lm-evaluation-harness installed, found now rather than after training."""
+    tasks = c.get("eval.tasks", None)
+    if tasks in (None, _UNSET):
+        return
+    from deepdelta.eval import INSTALL_HINT
+    from deepdelta.eval.tasks import PRESETS, resolve
+
+    try:
+        resolve(str(tasks))
+    except ValueError as exc:
+        c.errs.append(f"eval.{exc} (presets: {' | '.join(PRESETS)})")
+        return
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        c.bad("eval.tasks", tasks, f"null, or install lm-evaluation-harness first: {INSTALL_HINT}")
+    for key in ("eval.limit", "eval.num_fewshot"):
+        c.integer(key, 0 if key.endswith("fewshot") else 1, optional=True)
+    c.integer("eval.batch_size", 1)
 
 
 def _wandb_problems(c: _Checker) -> None:

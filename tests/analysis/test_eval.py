@@ -194,3 +194,14 @@ def test_generate_until_is_greedy_decoding_cut_at_the_stop_string(model):
         new = generate(model, ids, 12, temperature=0.0, stop_token_ids={0})[0, ids.shape[1] :].tolist()
         want = bytes(t for t in new if t != 0).decode("utf-8", errors="replace").split("\n")[0].split(")")[0]
         assert text == want and "\n" not in text
+
+
+def test_a_run_evaluates_itself_when_it_finishes(cli, tmp_path):
+    task = local_task(tmp_path / "tasks")
+    proc = cli("debug=fast", "logger=csv", "model.n_layer=1", f"eval.tasks={task}", "eval.batch_size=8")
+    result = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert result["tasks"]["dd_local_mc"]["n"] == len(DOCS) and "evaluation: wrote" in proc.stdout
+    from deepdelta.convert import load_model
+
+    _, acc = by_hand(load_model(tmp_path / "run").double())
+    assert result["tasks"]["dd_local_mc"]["metrics"]["acc"]["value"] == pytest.approx(acc)

@@ -38,6 +38,8 @@ BAD = [
     (["optim.weight_decay=-0.1"], "optim.weight_decay: got -0.1, allowed: a number >= 0"),
     (["optim.min_lr_ratio=1.5"], "optim.min_lr_ratio: got 1.5, allowed: a number in [0, 1]"),
     (["optim.warmup_steps=-1"], "optim.warmup_steps: got -1, allowed: an integer >= 0"),
+    (["eval.tasks=nope/missing.yaml"], "eval.tasks: 'nope/missing.yaml' is not a task YAML file or a folder of them"),
+    (["eval.tasks=paper_1shot", "eval.limit=0"], "eval.limit: got 0, allowed: an integer >= 1 or null"),
     (["seed=-1"], "seed: got -1, allowed: an integer >= 0"),
     (["data.batch_size=0"], "data.batch_size: got 0, allowed: an integer >= 1"),
     (["data.block_size=256"], "data.block_size: got 256, allowed: at most model.block_size=128"),
