@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-RESIDUALS = ("additive", "ddl", "write_only")
+RESIDUALS = ("additive", "ddl", "write_only", "hc", "mhc")
 MAPS = ("k", "v")
 COMPRESSORS = ("cc", "tc")
 COMPRESSOR_ALIASES = {"ec": "tc"}  # "EC along tokens", an earlier revision's name for tc
@@ -70,6 +70,13 @@ class ModelConfig:
     beta_max: float = 2.0
     beta_init: float | None = None
     beta_hidden: int = 0
+    # hc / mhc (Hyper-Connections, mHC; docs/hyper_connections.md): dv is the number of streams n,
+    # the compressor is replaced by each sublayer's learned read and the readout sums the streams.
+    # hc_dynamic: the input-dependent (dynamic) part of the weights on top of the static ones
+    hc_dynamic: bool = True
+    mhc_sinkhorn_iters: int = 20  # mHC's t_max
+    # mHC's init: read (1-ε)·e_k + ε/n, mixing (1-ε)·I + ε/n (σ and Sinkhorn cannot reach 0 or 1)
+    mhc_init_eps: float = 0.1
     # `impl` sets the defaults of the fields marked "impl" (None: take the impl's value):
     # reference (the authors' code) | paper (the paper's text); see IMPLS
     impl: str = "reference"
@@ -164,6 +171,16 @@ class ModelConfig:
         integer("dv", 1)
         integer("conv_kernel", 1)
         integer("beta_hidden", 0)
+        integer("mhc_sinkhorn_iters", 1)
+        if not isinstance(self.hc_dynamic, bool):
+            errs.append(f"hc_dynamic: got {self.hc_dynamic!r}, allowed: true | false")
+        if not (isinstance(self.mhc_init_eps, (int, float)) and 0 < self.mhc_init_eps < 1):
+            errs.append(f"mhc_init_eps: got {self.mhc_init_eps!r}, allowed: a number in (0, 1)")
+        if self.residual in ("hc", "mhc") and self.kernel == "fused":
+            errs.append(
+                f"kernel: got 'fused' with residual={self.residual!r}, allowed: 'plain' "
+                "(the fused kernel implements the ddl and write_only updates only)"
+            )
         ok = all([integer(n, 1) for n in ("n_layer", "n_head", "head_dim", "d_model", "vocab_size", "block_size")])
         if not (isinstance(self.beta_max, (int, float)) and 0 < self.beta_max <= 2):
             errs.append(

@@ -115,7 +115,13 @@ def _attend(attn: Attention, x: Tensor, cos: Tensor, sin: Tensor, lc: LayerCache
 def _block(block: Block, state: Tensor, lc: LayerCache, cos: Tensor, sin: Tensor, pos: int, capacity: int) -> Tensor:
     """``Block.forward`` with caches. For `tc` the MLP's input is compressed here, with its
     own history; `cc` and dv = 1 let the attention update compress it, as the model does
-    (the fused kernel makes that read itself)."""
+    (the fused kernel makes that read itself). hc/mhc read each token's own streams."""
+    if block.hyper:
+        x_in, mixing = block.rule_attn.read(state)
+        h = _attend(block.attn, block.norm_attn(x_in), cos, sin, lc, pos, capacity)
+        state = block.rule_attn.write(state, mixing, h)
+        x_in, mixing = block.rule_mlp.read(state)
+        return block.rule_mlp.write(state, mixing, block.mlp(block.norm_mlp(x_in)))
     x_in, lc.attn_hist = _compress(block.compress, state, lc.attn_hist)
     c = block.norm_attn(x_in)
     h = _attend(block.attn, c, cos, sin, lc, pos, capacity)

@@ -70,7 +70,8 @@ class Expand(nn.Module):
 
 
 class Compress(nn.Module):
-    """State (B, T, d, dv) → x_in (B, T, d): `cc` channel mixing or `tc` token conv + read.
+    """State (B, T, d, dv) → x_in (B, T, d): `cc` channel mixing or `tc` token conv + read
+    (`sum` of the streams: the readout of hc/mhc).
 
     Both are sums of per-token reads of the state: x_in[t] = Σ_s Σ_j taps[s]⊙X[t−s] over
     S taps (`taps()`), one for `cc` (the mix) and conv_kernel for `tc` (the convolution
@@ -89,7 +90,8 @@ class Compress(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.dv = cfg.dv
-        self.kind = cfg.compressor if cfg.dv > 1 else "none"
+        # hc/mhc: only the final readout is a Compress, and it sums the streams (HC §2.1)
+        self.kind = "sum" if cfg.residual in ("hc", "mhc") else cfg.compressor if cfg.dv > 1 else "none"
         self.toeplitz = self.kind == "cc" and cfg.cc_form == "toeplitz"
         if self.kind == "cc" and not self.toeplitz:
             self.mix = nn.Parameter(torch.full((cfg.d_model, cfg.dv), 1.0 / cfg.dv))
@@ -128,4 +130,6 @@ class Compress(nn.Module):
             return (state * self.channel_mix()).sum(-1)
         if self.kind == "tc":
             return self.combine([(state * tap).sum(-1) for tap in self.taps()[: state.shape[1]]])
+        if self.kind == "sum":
+            return ops.at_least_fp32(state).sum(-1)
         return ops.at_least_fp32(state[..., 0])  # a bf16-stored state is read in fp32

@@ -4,6 +4,9 @@ Each block compresses the state X (B, T, d, dv) to x_in, runs a sublayer on
 c = RMSNorm(x_in), and lets its residual rule rewrite X; attention then MLP, one
 compressor per block shared by both. A final readout compressor feeds the last norm and
 the tied LM head. With residual=additive and dv=1 this is a standard pre-norm Transformer.
+With residual=hc or mhc (Hyper-Connections, mHC) the state holds dv = n streams and there is
+no block compressor: each sublayer's own rule reads its input from the streams (the width
+connection) and writes them; the readout sums the streams (docs/hyper_connections.md).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from torch import Tensor, nn
 from deepdelta.model import ops
 from deepdelta.model.config import ModelConfig
 from deepdelta.model.loss import linear_cross_entropy
-from deepdelta.model.residual import Gate, ResidualRule
+from deepdelta.model.residual import HYPER, Gate, HyperConnection, ResidualRule, make_rule
 from deepdelta.model.state import Compress, Expand
 
 
@@ -76,17 +79,24 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
-        self.compress = Compress(cfg)
+        self.hyper = cfg.residual in HYPER
+        if not self.hyper:
+            self.compress = Compress(cfg)
         self.norm_attn = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.attn = Attention(cfg)
-        self.rule_attn = ResidualRule(cfg)
+        self.rule_attn = make_rule(cfg, 2 * layer)
         self.norm_mlp = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mlp = SwiGLU(cfg)
-        self.rule_mlp = ResidualRule(cfg)
+        self.rule_mlp = make_rule(cfg, 2 * layer + 1)
 
     def forward(self, state: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        if self.hyper:  # each sublayer reads its input from the streams, then writes them
+            x_in, mixing = self.rule_attn.read(state)
+            state = self.rule_attn.write(state, mixing, self.attn(self.norm_attn(x_in), cos, sin))
+            x_in, mixing = self.rule_mlp.read(state)
+            return self.rule_mlp.write(state, mixing, self.mlp(self.norm_mlp(x_in)))
         x_in = self.compress(state)
         c = self.norm_attn(x_in)
         # the attention update also returns the MLP's input (fused with the write for `cc`),
@@ -102,7 +112,7 @@ class DeltaTransformer(nn.Module):
         self.config = cfg = config
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.expand = Expand(cfg)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.readout = Compress(cfg)
         self.norm_out = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         cos, sin = rope_tables(cfg)
@@ -130,7 +140,7 @@ class DeltaTransformer(nn.Module):
             if isinstance(module, ResidualRule) and module.kind != "additive" and cfg.value_bias_init == "uniform":
                 bound = 1 / math.sqrt(cfg.d_model)  # PyTorch's nn.Linear default, which the reference keeps
                 nn.init.uniform_(module.value.bias, -bound, bound)
-            elif isinstance(module, Compress) and module.kind != "none" and cfg.compressor_init == "normal":
+            elif isinstance(module, Compress) and module.kind in ("cc", "tc") and cfg.compressor_init == "normal":
                 nn.init.normal_(module.mix if module.kind == "cc" and not module.toeplitz else module.weight, std=std)
             elif isinstance(module, Gate):
                 if cfg.gate_init == "zero":
@@ -163,7 +173,7 @@ class DeltaTransformer(nn.Module):
         return linear_cross_entropy(self.hidden(idx), self.embed.weight, targets, chunk=chunk)
 
     # -- probes -------------------------------------------------------------------------
-    def rules(self) -> dict[str, ResidualRule]:
+    def rules(self) -> dict[str, ResidualRule | HyperConnection]:
         """Residual rules by name, ``"{layer}.attn"`` and ``"{layer}.mlp"``."""
         out = {}
         for i, block in enumerate(self.blocks):
@@ -179,7 +189,19 @@ class DeltaTransformer(nn.Module):
     @torch.no_grad()
     def probe(self, idx: Tensor) -> dict[str, dict[str, Tensor]]:
         """One forward pass with recording on: per sublayer β (B,T), ‖k̃‖ (B,T), k̂ (B,T,d)
-        and e_pre (B,T,dv). Empty for `additive`, which has no gate."""
+        and e_pre (B,T,dv). Empty for `additive`, which has no gate, and for hc/mhc (see
+        ``probe_mixing``)."""
+        return {name: rec for name, rec in self._recorded(idx).items() if "beta" in rec}
+
+    @torch.no_grad()
+    def probe_mixing(self, idx: Tensor) -> dict[str, dict[str, Tensor]]:
+        """hc/mhc: one forward pass with recording on; per sublayer (B,T) ``mix_dist``
+        ‖A_r − I‖_F (mhc: H_res), ``read_entropy`` of the read weights (0: one stream,
+        log n: all alike) and, for mhc, ``sinkhorn_residual`` max |column sum − 1|.
+        Empty for the other residuals."""
+        return {name: rec for name, rec in self._recorded(idx).items() if "mix_dist" in rec}
+
+    def _recorded(self, idx: Tensor) -> dict[str, dict[str, Tensor]]:
         self.set_recording(True)
         try:
             self.hidden(idx)
