@@ -23,7 +23,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # `python src/train.py
 from deepdelta import errors  # noqa: E402
 from deepdelta.quiet import silence_noise  # noqa: E402
 from deepdelta.rundir import release, resume_argv  # noqa: E402  (also registers the run-directory resolvers)
-from deepdelta.runner import run  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +45,10 @@ def main(cfg: DictConfig) -> float | None:
     environ = dict(os.environ)  # Lightning's launcher leaves LOCAL_RANK etc.; the next job must not see them
     run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
+        # imported here: Lightning takes seconds to import, and --help, Hydra's own errors and refused
+        # directories need none of it
+        from deepdelta.runner import run
+
         return run(cfg, run_dir, name=hydra_cfg.job.override_dirname, multirun=multirun)
     except errors.UserError as exc:  # the user's mistake: its message and the way out, no traceback
         if not multirun and exc.exit_code == errors.CONFIG_EXIT:

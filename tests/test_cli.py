@@ -75,32 +75,47 @@ def test_multirun_two_jobs_one_wandb_run_each(cli, tmp_path):
 
 
 def test_failing_sweep_member_is_recorded_and_others_finish(cli, tmp_path):
-    proc = cli(*FAST, "model.n_head=3,4", multirun=True, check=False)
+    proc = cli(*FAST, "logger=csv", "model.n_head=3,4", multirun=True, check=False)
     assert proc.returncode != 0
     table = pd.read_csv(tmp_path / "sweep" / "summary.csv")
     assert list(table["status"]) == ["rejected", "finished"]  # refused before any compute
     assert "n_head" in table["error"][0]
 
 
-def test_fused_kernel_trains_like_the_plain_ops(cli, tmp_path):
+@pytest.fixture(scope="module")
+def kernel_sweep(cache_dir, tmp_path_factory) -> pd.DataFrame:
+    """One multirun (one process) for the kernel and state-precision tests: dv=2, {plain, fused} kernel ×
+    {fp32, bf16} state × {ddl, write_only}; its summary table, one column per override."""
+    sweep = tmp_path_factory.mktemp("kernels") / "sweep"
+    env = {**os.environ, "DEEPDELTA_CACHE": str(cache_dir), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    grid = ["logger=csv", "dv=2", "model.kernel=plain,fused", "model.state_dtype=float32,bfloat16",
+            "residual=ddl,write_only"]  # fmt: skip
+    args = [sys.executable, str(ROOT / "src" / "train.py"), "-m", f"hydra.sweep.dir={sweep}", *FAST, *grid]
+    proc = subprocess.run(args, cwd=sweep.parent, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    table = pd.read_csv(sweep / "summary.csv")
+    assert list(table["status"]) == ["finished"] * 8
+    for key in ("model.kernel", "model.state_dtype", "residual"):
+        table[key] = table["name"].str.extract(rf"(?:^|,){re.escape(key)}=([^,]+)", expand=False)
+    return table
+
+
+def test_fused_kernel_trains_like_the_plain_ops(kernel_sweep):
     """``model.kernel=fused`` through Hydra and Lightning (on the CPU: the op's torch
     formulas and hand-written backward) gives the plain ops' losses."""
-    cli(*FAST, "dv=2", "model.kernel=fused", "residual=ddl,write_only", multirun=True)
-    fused = pd.read_csv(tmp_path / "sweep" / "summary.csv")
-    (tmp_path / "sweep").rename(tmp_path / "fused")
-    cli(*FAST, "dv=2", "model.kernel=plain", "residual=ddl,write_only", multirun=True)
-    plain = pd.read_csv(tmp_path / "sweep" / "summary.csv")
-    assert list(fused["status"]) == ["finished", "finished"]
-    assert fused["val_loss"].tolist() == pytest.approx(plain["val_loss"].tolist(), rel=1e-4)
+    fp32 = kernel_sweep[kernel_sweep["model.state_dtype"] == "float32"].set_index(["residual", "model.kernel"])
+    for residual in ("ddl", "write_only"):
+        fused, plain = fp32.loc[(residual, "fused"), "val_loss"], fp32.loc[(residual, "plain"), "val_loss"]
+        assert fused == pytest.approx(plain, rel=1e-4), residual
 
 
-def test_bf16_state_trains_like_the_fp32_state(cli, tmp_path):
+def test_bf16_state_trains_like_the_fp32_state(kernel_sweep):
     """``model.state_dtype=bfloat16`` through Hydra and Lightning, with both kernels: the
     runs finish with the fp32 state's validation loss up to bf16 rounding."""
-    cli(*FAST, "dv=2", "model.kernel=plain,fused", "model.state_dtype=float32,bfloat16", multirun=True)
-    runs = pd.read_csv(tmp_path / "sweep" / "summary.csv")
-    assert list(runs["status"]) == ["finished"] * 4
-    assert runs["val_loss"].max() - runs["val_loss"].min() < 0.02 * runs["val_loss"].min()
+    for residual in ("ddl", "write_only"):
+        runs = kernel_sweep[kernel_sweep["residual"] == residual]
+        assert sorted(runs["model.state_dtype"]) == ["bfloat16", "bfloat16", "float32", "float32"]
+        assert runs["val_loss"].max() - runs["val_loss"].min() < 0.02 * runs["val_loss"].min(), residual
 
 
 def test_paper_small_experiment_builds_124m_model(cli):
@@ -206,6 +221,7 @@ def test_wandb_online_without_an_api_key_fails_at_once(tmp_path):
     args = [sys.executable, str(ROOT / "src" / "train.py"), f"hydra.run.dir={tmp_path / 'run'}"]
     proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "WANDB_MODE: got 'online', allowed: offline | disabled, or online once a W&B API key is set up" in proc.stderr
+    allowed = "WANDB_MODE: got 'online', allowed: offline | disabled, or online once a W&B API key is set up"
+    assert allowed in proc.stderr
     assert "wandb login" in proc.stderr and "logger=csv" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "run").exists()  # refused before the run started
