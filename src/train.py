@@ -49,7 +49,10 @@ def main(cfg: DictConfig) -> float | None:
         # directories need none of it
         from deepdelta.runner import run
 
-        return run(cfg, run_dir, name=hydra_cfg.job.override_dirname, multirun=multirun)
+        result = run(cfg, run_dir, name=hydra_cfg.job.override_dirname, multirun=multirun)
+        if cfg.get("dry_run") is True and not multirun:
+            release(run_dir)  # it built the model, printed its size and trained nothing: no run to keep
+        return result
     except errors.UserError as exc:  # the user's mistake: its message and the way out, no traceback
         if not multirun and exc.exit_code == errors.CONFIG_EXIT:
             release(run_dir)  # it never started: leave no run directory behind

@@ -118,9 +118,10 @@ def test_bf16_state_trains_like_the_fp32_state(kernel_sweep):
         assert runs["val_loss"].max() - runs["val_loss"].min() < 0.02 * runs["val_loss"].min(), residual
 
 
-def test_paper_small_experiment_builds_124m_model(cli):
+def test_paper_small_experiment_builds_124m_model(cli, tmp_path):
     out = cli("experiment=paper_small", "dry_run=true").stdout
     assert "123.6" in out or "123.7" in out, out  # ~124M parameters, as in the paper
+    assert not (tmp_path / "run").exists()  # a dry run trains nothing and leaves no run directory
 
 
 def test_bad_value_fails_before_training(cli, tmp_path):
