@@ -27,6 +27,10 @@ TINY = [
 ]  # fmt: skip
 
 
+# TINY with the mechanism probe every 5 steps (checkpoints every 10): a kill leaves probes after the checkpoint
+PROBED = [*(a for a in TINY if a != "~callbacks.beta"), "callbacks.beta.every_n_steps=5"]
+
+
 def env(cache_dir: Path, **extra: str) -> dict[str, str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith("DEEPDELTA_FAULT_")}
     return {**base, "DEEPDELTA_CACHE": str(cache_dir), "WANDB_MODE": "offline", "WANDB_SILENT": "true",
@@ -99,6 +103,15 @@ def train(cache_dir: Path, tmp_path: Path):
     for job in started:  # never leave a child behind
         if job.proc.poll() is None:
             job.kill()
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
+    """One uninterrupted 40-step PROBED run, shared by every test that compares a resumed run with it."""
+    tmp = tmp_path_factory.mktemp("reference")
+    job = Train([*PROBED, f"hydra.run.dir={tmp / 'run'}"], tmp, env(cache_dir), tmp / "log.txt")
+    assert job.wait() == 0, job.output()[-3000:]
+    return tmp / "run"
 
 
 def ckpt_step(path: Path) -> int:

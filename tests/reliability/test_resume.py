@@ -1,4 +1,5 @@
-"""Kill, preempt and interrupt checkpoint writes of real CLI runs; resumed runs must equal an uninterrupted one."""
+"""Kill, preempt and interrupt checkpoint writes of real CLI runs; resumed runs must equal an uninterrupted one
+(the session's `reference` run), in their weights and in their logs, probes included."""
 
 from __future__ import annotations
 
@@ -9,25 +10,14 @@ import pytest
 import torch
 
 from deepdelta.callbacks.checkpoint import stale_temp_files
-from tests.reliability.conftest import assert_same_logs, assert_same_training, ckpt_step, last_step
+from tests.reliability.conftest import PROBED, assert_same_logs, assert_same_training, ckpt_step, last_step
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, cache_dir):
-    """One uninterrupted 40-step run, shared by the tests of this module."""
-    from tests.reliability.conftest import TINY, Train, env
-
-    tmp = tmp_path_factory.mktemp("reference")
-    job = Train([*TINY, f"hydra.run.dir={tmp / 'run'}"], tmp, env(cache_dir), tmp / "log.txt")
-    assert job.wait() == 0, job.output()[-3000:]
-    return tmp / "run"
-
-
 def test_sigkill_mid_run_then_resume_equals_uninterrupted(train, tmp_path, reference):
     run = tmp_path / "killed"
-    job = train(run_dir=run, background=True)
+    job = train(*PROBED, run_dir=run, background=True, tiny=False)
     job.wait_for(lambda: last_step(run) >= 20, "the step-20 checkpoint")
     job.send(signal.SIGKILL)
     assert job.wait() == -signal.SIGKILL
@@ -45,7 +35,7 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(train, tmp_path, refer
 
 def test_sigterm_saves_exits_zero_and_resume_continues(train, tmp_path, reference):
     run = tmp_path / "preempted"
-    job = train(run_dir=run, background=True)
+    job = train(*PROBED, run_dir=run, background=True, tiny=False)
     job.wait_for(lambda: last_step(run) >= 10, "the first checkpoint")
     job.send(signal.SIGTERM)
     assert job.wait() == 0, job.output()[-3000:]
@@ -82,7 +72,8 @@ def test_sigint_saves_exits_zero_with_the_resume_command(train, tmp_path):
 
 def test_kill_during_checkpoint_write_keeps_previous_checkpoint(train, tmp_path, reference):
     run = tmp_path / "torn"
-    job = train(run_dir=run, background=True, DEEPDELTA_FAULT_CKPT_STALL="20")  # the step-20 write stalls
+    stall = {"DEEPDELTA_FAULT_CKPT_STALL": "20"}  # the step-20 write stalls
+    job = train(*PROBED, run_dir=run, background=True, tiny=False, **stall)
     job.wait_for(lambda: "checkpoint write stalled" in job.output(), "the stalled write")
     (partial,) = stale_temp_files(run / "checkpoints")
     assert partial.stat().st_size > 0
