@@ -22,10 +22,11 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from deepdelta.analysis.mechanism import read_probes
-from deepdelta.model.config import ModelConfig
+from deepdelta.model.config import IMPLS, ModelConfig
 
 # Config keys that do not change what is trained (where outputs go, how it is logged).
-IGNORED_PREFIXES = ("seed", "data.seed", "paths.", "logger.", "callbacks.", "hydra.", "tags", "project", "ckpt_path")
+IGNORED_PREFIXES = ("seed", "data.seed", "paths.", "logger.", "callbacks.", "hydra.", "tags", "project", "ckpt_path",
+                    "eval.")  # fmt: skip
 IGNORED_KEYS = {"trainer.default_root_dir", "dry_run"}
 # Overrides that never name a configuration (as in conf/hydra/default.yaml's override_dirname).
 IGNORED_OVERRIDES = {
@@ -120,10 +121,13 @@ class Run:
     def key(self) -> tuple[tuple[str, Any], ...]:
         """The config minus seed and bookkeeping: equal keys mean the same configuration.
         Model fields a run's saved config lacks (added to the config after it ran) count as
-        their ModelConfig defaults, the values the run had."""
+        the values the run had: their ModelConfig defaults, and for a run from before `impl`
+        existed (2026-11-29) the fields of what is now impl=paper."""
         config = dict(self.config)
         if "model" in config:
             defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+            if "impl" not in config["model"]:
+                defaults.update(IMPLS["paper"], impl="paper")
             config["model"] = {**defaults, **config["model"]}
         flat = _flatten(config)
         kept = {k: v for k, v in flat.items() if k not in IGNORED_KEYS and not k.startswith(IGNORED_PREFIXES)}
