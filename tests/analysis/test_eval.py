@@ -5,6 +5,7 @@ eval.json, the run's W&B run, the sweep report's columns, and the offline failur
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -122,6 +123,7 @@ def run_eval(cache_dir: Path, *args: str, **extra: str) -> subprocess.CompletedP
 
 def test_cli_on_a_trained_sweep_then_the_report(tiny_sweep, cache_dir, tmp_path):
     task = local_task(tmp_path / "tasks")
+    tiny_sweep = Path(shutil.copytree(tiny_sweep, tmp_path / "sweep"))  # other tests read the shared one as trained
     proc = run_eval(cache_dir, "--sweep", str(tiny_sweep), f"tasks={task}", "batch_size=4")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     runs = sorted(p.parent for p in tiny_sweep.glob("*/summary.json"))
