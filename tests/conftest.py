@@ -12,6 +12,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# The CLI's children: W&B offline and quiet, and one CPU thread. Two threads a process on two cores that
+# other work also wants spin-wait in every parallel region: a tiny run took 10x longer under load.
+QUIET_ENV = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
+
+
 @pytest.fixture(scope="session", autouse=True)
 def wandb_offline():
     """Tests never log to W&B online, whatever WANDB_MODE the shell has (tests of the modes set their own)."""
@@ -32,7 +37,7 @@ def cli(cache_dir: Path, tmp_path: Path):
     completed process; runs land in ``tmp_path/run`` (or ``tmp_path/sweep``)."""
 
     def run(*overrides: str, multirun: bool = False, check: bool = True, timeout: int = 600):
-        env = {**os.environ, "DEEPDELTA_CACHE": str(cache_dir), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+        env = {**os.environ, **QUIET_ENV, "DEEPDELTA_CACHE": str(cache_dir)}
         args = [sys.executable, str(ROOT / "src" / "train.py")]
         if multirun:
             args += ["-m", f"hydra.sweep.dir={tmp_path / 'sweep'}"]

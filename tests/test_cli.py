@@ -14,7 +14,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from deepdelta.model import ModelConfig
-from tests.conftest import ROOT
+from tests.conftest import QUIET_ENV, ROOT
 
 pytestmark = pytest.mark.slow
 FAST = ["debug=fast", "model.n_layer=2", "data.batch_size=4", "model.block_size=64"]
@@ -87,7 +87,7 @@ def kernel_sweep(cache_dir, tmp_path_factory) -> pd.DataFrame:
     """One multirun (one process) for the kernel and state-precision tests: dv=2, {plain, fused} kernel ×
     {fp32, bf16} state × {ddl, write_only}; its summary table, one column per override."""
     sweep = tmp_path_factory.mktemp("kernels") / "sweep"
-    env = {**os.environ, "DEEPDELTA_CACHE": str(cache_dir), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    env = {**os.environ, **QUIET_ENV, "DEEPDELTA_CACHE": str(cache_dir)}
     grid = ["logger=csv", "dv=2", "model.kernel=plain,fused", "model.state_dtype=float32,bfloat16",
             "residual=ddl,write_only"]  # fmt: skip
     args = [sys.executable, str(ROOT / "src" / "train.py"), "-m", f"hydra.sweep.dir={sweep}", *FAST, *grid]

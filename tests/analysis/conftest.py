@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import QUIET_ENV, ROOT
 
 SWEEP = ["seed=0,1", "residual=ddl,additive", "debug=fast", "model.n_layer=2", "data.batch_size=4",
          "model.block_size=64"]  # fmt: skip
 
 
 def env(cache_dir: Path, **extra: str) -> dict[str, str]:
-    return {**os.environ, "DEEPDELTA_CACHE": str(cache_dir), "WANDB_MODE": "offline", "WANDB_SILENT": "true", **extra}
+    return {**os.environ, **QUIET_ENV, "DEEPDELTA_CACHE": str(cache_dir), **extra}
 
 
 @pytest.fixture(scope="session")
