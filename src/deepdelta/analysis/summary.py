@@ -86,7 +86,7 @@ def validation_text(row: dict[str, Any]) -> str:
     """The last validation in words: ``val loss 2.0123 at step 300``, or that there was none."""
     loss, step = row.get("val_loss"), row.get("val_step")
     if loss is None or (isinstance(loss, float) and math.isnan(loss)):
-        return "no validation loss: not validated"
+        return "not validated"
     return f"val loss {loss:.4f} at step {step}" if step is not None else f"val loss {loss:.4f}"
 
 
