@@ -234,6 +234,39 @@ def test_sigint_saves_at_step_boundary_and_exits_zero(tmp_path):
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 7
 
 
+class CtrlCTwice(L.Callback):
+    """Ctrl-C at the start of optimizer step ``at``, and again before that step's optimizer update."""
+
+    def __init__(self, at: int):
+        self.at = at
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step + 1 == self.at:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if trainer.global_step + 1 == self.at:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_a_second_ctrl_c_stops_at_once_without_saving(tmp_path):
+    checkpoint = Checkpoint(dirpath=tmp_path / "checkpoints", save_top_k=0, every_n_train_steps=5)
+    trainer = L.Trainer(
+        max_steps=12, logger=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        callbacks=[checkpoint, CtrlCTwice(7)], plugins=[AtomicCheckpointIO()], default_root_dir=tmp_path,
+    )  # fmt: skip
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(SystemExit) as info:  # Lightning's way out of a KeyboardInterrupt
+            trainer.fit(Noisy())
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, outer)
+    assert info.value.code == 1 and checkpoint.hard_interrupt  # the runner reports it as "interrupted", exit 130
+    assert trainer.global_step == 6  # step 7's update never happened
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 5
+
+
 def test_run_directories_are_unique(tmp_path):
     """Two runs started in the same second: different directories (the suffix is per process)."""
     code = (
