@@ -25,8 +25,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
@@ -135,34 +137,45 @@ def parse_gpus(text: str | None) -> list[str]:
     return ids
 
 
-def run_queue(jobs: list[Job], gpus: list[str], logs: Path) -> dict[int, int]:
-    """Run the jobs, one per GPU at a time; return each job's exit code."""
-    todo = [j for j in jobs if j.status != "finished"]
-    lock = threading.Lock()
-    codes: dict[int, int] = {}
+T = TypeVar("T")
+
+
+def over_gpus(items: list[T], gpus: list[str], work: Callable[[T, str], None]) -> None:
+    """``work(item, gpu)`` for every item, one item per GPU at a time, in order, until none is left."""
+    todo, lock = list(items), threading.Lock()
 
     def worker(gpu: str) -> None:
         while True:
             with lock:
                 if not todo:
                     return
-                job = todo.pop(0)
-            # the job's W&B run joins the sweep's group, as in a multirun
-            env = dict(os.environ, CUDA_VISIBLE_DEVICES=gpu, DEEPDELTA_SWEEP_GROUP=job.run_dir.parent.name)
-            env.pop("DEEPDELTA_RUN_UID", None)
-            start = time.time()
-            print(f"[gpu {gpu}] job {job.num} starts: {' '.join(job.overrides)}", flush=True)
-            with open(logs / f"{job.num}.log", "a") as out:
-                code = subprocess.run(job.argv(), env=env, stdout=out, stderr=subprocess.STDOUT).returncode
-            codes[job.num] = code
-            state = "finished" if code == 0 else f"FAILED (exit {code}, see {logs / f'{job.num}.log'})"
-            print(f"[gpu {gpu}] job {job.num} {state} in {time.time() - start:.0f} s", flush=True)
+                item = todo.pop(0)
+            work(item, gpu)
 
     threads = [threading.Thread(target=worker, args=(g,)) for g in gpus]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+
+
+def run_queue(jobs: list[Job], gpus: list[str], logs: Path) -> dict[int, int]:
+    """Run the jobs, one per GPU at a time; return each job's exit code."""
+    codes: dict[int, int] = {}
+
+    def run(job: Job, gpu: str) -> None:
+        # the job's W&B run joins the sweep's group, as in a multirun
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES=gpu, DEEPDELTA_SWEEP_GROUP=job.run_dir.parent.name)
+        env.pop("DEEPDELTA_RUN_UID", None)
+        start = time.time()
+        print(f"[gpu {gpu}] job {job.num} starts: {' '.join(job.overrides)}", flush=True)
+        with open(logs / f"{job.num}.log", "a") as out:
+            code = subprocess.run(job.argv(), env=env, stdout=out, stderr=subprocess.STDOUT).returncode
+        codes[job.num] = code
+        state = "finished" if code == 0 else f"FAILED (exit {code}, see {logs / f'{job.num}.log'})"
+        print(f"[gpu {gpu}] job {job.num} {state} in {time.time() - start:.0f} s", flush=True)
+
+    over_gpus([j for j in jobs if j.status != "finished"], gpus, run)
     return codes
 
 

@@ -12,7 +12,6 @@ import argparse
 import os
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 from deepdelta.eval.run import EvalError, evaluate, log_to_wandb, require_harness, write
@@ -109,26 +108,17 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, dict[str, str]]:
 
 def _queue(targets: list[Path], gpus: list[str], opts: dict[str, str]) -> list[Path]:
     """Each target in its own process, one per GPU at a time; returns the failed ones."""
-    todo, failed, lock = list(targets), [], threading.Lock()
+    from deepdelta.gpusweep import over_gpus
+
     settings = [f"{k}={v}" for k, v in opts.items()]
+    failed: list[Path] = []
 
-    def worker(gpu: str) -> None:
-        while True:
-            with lock:
-                if not todo:
-                    return
-                target = todo.pop(0)
-            env = dict(os.environ, CUDA_VISIBLE_DEVICES=gpu)
-            code = subprocess.run([sys.executable, "-m", "deepdelta.eval", str(target), *settings], env=env).returncode
-            if code:
-                with lock:
-                    failed.append(target)
+    def run(target: Path, gpu: str) -> None:
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES=gpu)
+        if subprocess.run([sys.executable, "-m", "deepdelta.eval", str(target), *settings], env=env).returncode:
+            failed.append(target)  # list.append is atomic under the GIL
 
-    threads = [threading.Thread(target=worker, args=(g,)) for g in gpus]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    over_gpus(targets, gpus, run)
     return failed
 
 
