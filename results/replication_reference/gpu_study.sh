@@ -4,6 +4,8 @@
 #   bash results/replication_reference/gpu_study.sh rest      # what the first call (9 of 18 jobs in 555 s) left: two
 #                                                             # sweeps side by side, so two jobs share each GPU
 #   bash results/replication_reference/gpu_study.sh switches  # ddl_cc seed 0 with one impl item switched to the paper's
+#   bash results/replication_reference/gpu_study.sh redo      # (2026-11-30) call 1's nine jobs again, and hc/mhc seed 0
+#   bash results/replication_reference/gpu_study.sh peers     # (2026-11-30) hc/mhc seeds 1 and 2
 # Each writes outputs/sweeps/<name>/ (the usual sweep directory) and packs its summaries, logs and
 # metrics (no checkpoints) into $OUT/<name>.tgz when $OUT is set.
 set -uo pipefail
@@ -24,6 +26,25 @@ elif [ "$what" = rest ]; then
     variant=additive_cc,ddl_cc,write_only_cc > /tmp/rest_b.log 2>&1 &
   wait
   grep -h "finished in\|FAILED" /tmp/rest_a.log /tmp/rest_b.log
+elif [ "$what" = redo ] || [ "$what" = peers ]; then
+  # every job at once, alternating GPUs (5-6 jobs share a GPU: their tok/s measure sharing, not the model)
+  name=replication_$what
+  mkdir -p outputs/sweeps/$name
+  if [ "$what" = redo ]; then
+    jobs="0:hc_dynamic_n4 0:ddl_cc 0:mhc_n4 0:additive_cc 0:write_only_cc 0:additive 0:ddl 0:write_only 1:additive 1:ddl 1:write_only"
+  else
+    jobs="1:hc_dynamic_n4 1:mhc_n4 2:hc_dynamic_n4 2:mhc_n4"
+  fi
+  python3 -m deepdelta.data prepare sweep=replication impl=reference 2>&1 | tail -1
+  i=0
+  for j in $jobs; do
+    seed=${j%%:*} variant=${j#*:} gpu=$((i % 2)) job=s${j%%:*}_${j#*:}
+    (CUDA_VISIBLE_DEVICES=$gpu timeout "$LIMIT" python3 src/train.py sweep=replication impl=reference seed=$seed \
+      variant=$variant hydra.run.dir=outputs/sweeps/$name/$job > outputs/sweeps/$name/$job.log 2>&1
+     echo "$job (gpu $gpu) exit $?") &
+    i=$((i + 1))
+  done
+  wait
 else
   name=replication_switches
   mkdir -p outputs/sweeps/$name
