@@ -41,6 +41,37 @@ def test_variant_names():
         bench.variant_overrides("ddl-xx-dv4")
 
 
+def test_hyper_connection_names():
+    assert bench.variant_overrides("hc-rep-dv4") == dict(residual="hc", dv=4, hc_dynamic=True, expand="repeat")
+    assert bench.variant_overrides("hc-static-rep-dv4") == dict(residual="hc", dv=4, hc_dynamic=False, expand="repeat")
+    assert bench.variant_overrides("mhc-static-dv2-bf16") == dict(
+        residual="mhc", dv=2, hc_dynamic=False, state_dtype="bfloat16"
+    )
+    assert bench.variant_overrides("mhc-ec-dv4-plain") == dict(
+        residual="mhc", dv=4, hc_dynamic=True, expand="conv", kernel="plain"
+    )
+    with pytest.raises(ValueError, match="fused kernel implements the ddl and write_only"):
+        bench.variant_overrides("mhc-rep-dv4-fused")
+    with pytest.raises(ValueError, match="compressor is ignored"):
+        bench.variant_overrides("hc-cc-rep-dv4")
+    with pytest.raises(ValueError, match="-static with hc or mhc only"):
+        bench.variant_overrides("ddl-static-dv4")
+    for name in bench.VARIANT_SETS["peers"]:
+        bench.variant_overrides(name)  # every name of the set parses
+
+
+def test_cpu_bench_runs_hc_and_mhc_rows(capsys):
+    rows = bench.main(["--device", "cpu", "--batch", "1", "--seq", "16", "--steps", "1", "--warmup", "0",
+                       "--variants", "additive,hc-rep-dv4,hc-static-rep-dv2,mhc-rep-dv4"])  # fmt: skip
+    assert [r["variant"] for r in rows] == ["additive", "hc-rep-dv4", "hc-static-rep-dv2", "mhc-rep-dv4"]
+    assert all("error" not in r for r in rows), rows
+    assert all(r["tok_s"] > 0 and r["tok_s_ratio"] > 0 for r in rows)
+    # static at n=2 has the fewest connection weights, mhc's φ (n·d × (n² + 2n)) the most
+    assert rows[2]["params"] < rows[1]["params"] < rows[3]["params"]
+    printed = capsys.readouterr().out
+    assert "| mhc-rep-dv4 " in printed and "| hc-static-rep-dv2 " in printed
+
+
 def test_ratios_use_the_additive_row_of_the_same_length():
     rows = [
         dict(variant="additive", seq=64, tok_s=100.0, peak_mem_gib=2.0),

@@ -43,31 +43,56 @@ VARIANTS: dict[str, dict] = {
     "ddl-tc-ec-dv4": dict(residual="ddl", compressor="tc", expand="conv", dv=4),
 }
 DEFAULT_VARIANTS = tuple(VARIANTS)
-# named lists for --variants: the paper's six models (DDL-CC = ddl-cc-ec-dv4, "w/o EC" = rep)
+# named lists for --variants: the paper's six models (DDL-CC = ddl-cc-ec-dv4, "w/o EC" = rep);
+# peers: the study's dv=4 comparison (issue 20), the additive and DDL-CC configs of the
+# replication sweep (variant=additive_cc, ddl_cc) beside hc (dynamic, static) and mhc at n=4,
+# named as conf/variant/{hc_dynamic_n4,hc_static_n4,mhc_n4}.yaml (expand=repeat)
 VARIANT_SETS = {
     "paper_six": ("additive", "ddl-dv1", "ddl-tc-rep-dv4", "ddl-cc-rep-dv4", "ddl-tc-ec-dv4", "ddl-cc-ec-dv4"),
+    "peers": ("additive", "additive-cc-ec-dv4", "ddl-cc-ec-dv4", "hc-rep-dv4", "hc-static-rep-dv4", "mhc-rep-dv4"),
 }
-_NAME = re.compile(r"^(additive|ddl|write_only)(?:-(cc|tc))?(?:-(ec|rep))?(?:-dv(\d+))?(?:-(plain|fused))?(-bf16)?$")
+_NAME = re.compile(
+    r"^(additive|ddl|write_only|hc|mhc)(-static)?(?:-(cc|tc))?(?:-(ec|rep))?(?:-dv(\d+))?(?:-(plain|fused))?(-bf16)?$"
+)
+GRAMMAR = (
+    "{additive|ddl|write_only}[-{cc|tc}][-{ec|rep}][-dvN][-{plain|fused}][-bf16] "
+    "or {hc|mhc}[-static][-{ec|rep}][-dvN][-plain][-bf16]"
+)
 
 # Dense bf16 peak (no sparsity) by a substring of the device name; first match wins.
 PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12), ("A100", 312e12))
 
 
 def variant_overrides(name: str) -> dict:
-    """ModelConfig overrides for a variant: from VARIANTS, else parsed from the name
-    (``{additive|ddl|write_only}[-{cc|tc}][-{ec|rep}][-dvN][-{plain|fused}][-bf16]``, e.g.
-    ``ddl-tc-ec-dv8``; ``plain|fused`` sets the update's ``kernel``, default plain; ``-bf16``
-    stores the state in bf16, ``state_dtype=bfloat16``)."""
+    """ModelConfig overrides for a variant: from VARIANTS, else parsed from the name (`GRAMMAR`),
+    e.g. ``ddl-tc-ec-dv8``; ``plain|fused`` sets the update's ``kernel``, default plain;
+    ``-bf16`` stores the state in bf16, ``state_dtype=bfloat16``. ``hc``/``mhc`` are the
+    Hyper-Connection rules with n = dv streams (docs/hyper_connections.md): dynamic unless
+    ``-static`` (``hc_dynamic=false``); they read the streams with their own weights, so a
+    compressor in the name is refused (the model would ignore it), as is ``-fused`` (DDL's
+    kernel)."""
     if name in VARIANTS:
         return dict(VARIANTS[name])
     m = _NAME.match(name)
     if not m:
+        raise ValueError(f"variant: got {name!r}, allowed: one of {', '.join(VARIANTS)} or {GRAMMAR}")
+    residual, static, compressor, expand, dv, kernel, bf16 = m.groups()
+    hyper = residual in ("hc", "mhc")
+    if static and not hyper:
+        raise ValueError(f"variant: got {name!r}, allowed: -static with hc or mhc only (their hc_dynamic=false)")
+    if hyper and compressor:
         raise ValueError(
-            f"variant: got {name!r}, allowed: one of {', '.join(VARIANTS)} "
-            "or {additive|ddl|write_only}[-{cc|tc}][-{ec|rep}][-dvN][-{plain|fused}][-bf16]"
+            f"variant: got {name!r}, allowed: no -{compressor} with {residual} "
+            "(each sublayer reads the streams with its own weights; model.compressor is ignored)"
         )
-    residual, compressor, expand, dv, kernel, bf16 = m.groups()
+    if hyper and kernel == "fused":
+        raise ValueError(
+            f"variant: got {name!r}, allowed: -plain or nothing with {residual} "
+            "(the fused kernel implements the ddl and write_only updates only)"
+        )
     out: dict = dict(residual=residual, dv=int(dv or 1))
+    if hyper:
+        out["hc_dynamic"] = not static
     if kernel:
         out["kernel"] = kernel
     if bf16:
