@@ -1,5 +1,5 @@
 """The mechanism probe: its numbers against hand computation, and the callback in a real
-Lightning fit (CSV logger, probes.csv, additive without a gate)."""
+Lightning fit (CSV logger, probes.csv, additive without a gate, hc and mhc with their mixing)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,16 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
 
-from deepdelta.analysis.mechanism import COLUMNS, beta_stats, metric_name, probe_stats, read_probes, rows_to_metrics
+from deepdelta.analysis.mechanism import (
+    COLUMNS,
+    MIX_COLUMNS,
+    beta_stats,
+    metric_name,
+    mixing_stats,
+    probe_stats,
+    read_probes,
+    rows_to_metrics,
+)
 from deepdelta.callbacks import MechanismProbe, PeakMemory
 from deepdelta.model import DeltaTransformer, ModelConfig
 from deepdelta.model.residual import Gate, ResidualRule
@@ -174,10 +183,12 @@ class Tokens(L.LightningDataModule):
 
 
 def fit(
-    tmp_path, residual: str, steps: int = 4, every: int = 2, logit: float | None = None, extra=()
+    tmp_path, residual: str, steps: int = 4, every: int = 2, logit: float | None = None, extra=(), **model
 ) -> MechanismProbe:
     torch.manual_seed(0)
-    module = DeltaLM(model=dict(TINY, residual=residual), optim=dict(OPTIM, lr=0.0 if logit is not None else 1e-3))
+    module = DeltaLM(
+        model=dict(TINY, residual=residual, **model), optim=dict(OPTIM, lr=0.0 if logit is not None else 1e-3)
+    )
     if logit is not None:
         with torch.no_grad():
             for gate in (m for m in module.model.modules() if isinstance(m, Gate)):
@@ -241,3 +252,59 @@ def test_a_resumed_run_probing_a_step_twice_keeps_the_last(tmp_path):
     rows = [{"step": s, "sublayer": "0.attn", "beta_mean": v} for s, v in [(0, 1.0), (25, 0.9), (25, 0.8), (50, 0.7)]]
     pd.DataFrame(rows).to_csv(path, index=False)
     assert list(read_probes(path)["beta_mean"]) == [1.0, 0.8, 0.7]
+
+
+# -- hc / mhc: the mixing probe ----------------------------------------------------------------
+def test_mixing_stats_by_hand_for_static_hc():
+    torch.manual_seed(0)
+    model = DeltaTransformer(ModelConfig(**TINY, residual="hc", dv=3, hc_dynamic=False))
+    mix = torch.tensor([[0.5, 0.5, 0.0], [0.0, 1.0, 0.0], [0.25, 0.0, 0.75]])
+    read = torch.tensor([0.5, -0.5, 0.0])
+    with torch.no_grad():
+        model.blocks[1].rule_mlp.static_mix.copy_(mix)
+        model.blocks[1].rule_mlp.static_read.copy_(read)
+    rows = mixing_stats(model.probe_mixing(torch.randint(0, TINY["vocab_size"], (2, 8))))
+    assert [r["sublayer"] for r in rows] == ["0.attn", "0.mlp", "1.attn", "1.mlp"]
+    for r in rows[:3]:  # the paper's init: identity mixing, one stream read
+        assert r["mix_dist"] == 0.0 and r["mix_read_entropy"] == pytest.approx(0.0, abs=1e-6)
+    last = rows[3]
+    assert last["mix_dist"] == pytest.approx((mix - torch.eye(3)).norm().item())
+    assert last["mix_dist_std"] == 0.0  # static: the same matrix for every token
+    assert last["mix_read_entropy"] == pytest.approx(math.log(2))  # |read| spread over two streams equally
+    assert all(math.isnan(r["mix_sinkhorn_residual"]) for r in rows)  # hc has no Sinkhorn
+    metrics = rows_to_metrics(rows)
+    assert metrics["mix/1.mlp/dist"] == pytest.approx(last["mix_dist"]) and "mix/1.mlp/read_entropy" in metrics
+    assert not any(k.endswith("sinkhorn_residual") for k in metrics)  # NaN skipped
+    assert metric_name("mix_sinkhorn_residual", "0.attn") == "mix/0.attn/sinkhorn_residual"
+
+
+def test_mixing_stats_of_mhc_at_init():
+    model = DeltaTransformer(ModelConfig(**TINY, residual="mhc", dv=4))
+    rows = mixing_stats(model.probe_mixing(torch.randint(0, TINY["vocab_size"], (2, 8))))
+    eps, n = model.config.mhc_init_eps, 4
+    want_mix = ((1 - eps) * torch.eye(n) + eps / n - torch.eye(n)).norm().item()
+    read = torch.full((n,), eps / n) + (1 - eps) * torch.eye(n)[0]
+    want_entropy = -(read * read.log()).sum().item()
+    for r in rows:
+        assert r["mix_dist"] == pytest.approx(want_mix, rel=1e-5)
+        assert r["mix_dist_std"] == pytest.approx(0.0, abs=1e-6)  # φ = 0 at init: every token alike
+        assert r["mix_read_entropy"] == pytest.approx(want_entropy, rel=1e-5)
+        assert 0.0 <= r["mix_sinkhorn_residual"] < 1e-5  # the init is a fixed point of Sinkhorn
+    assert mixing_stats(DeltaTransformer(ModelConfig(**TINY)).probe_mixing(torch.zeros(1, 4, dtype=torch.long))) == []
+
+
+@pytest.mark.parametrize("residual", ["hc", "mhc"])
+def test_callback_probes_the_mixing_of_hyper_connections(tmp_path, residual):
+    callback = fit(tmp_path, residual, dv=2)
+    probes = pd.read_csv(tmp_path / "probes.csv")
+    assert list(probes.columns) == ["step", "sublayer", "layer", "part", *MIX_COLUMNS]
+    assert sorted(probes["step"].unique()) == [0, 2, 4] and len(probes) == 3 * 4  # every probe, not only the first
+    assert probes["mix_sinkhorn_residual"].notna().all() == (residual == "mhc")
+    moved = probes.pivot_table(index="sublayer", columns="step", values="mix_dist")
+    assert (moved[4] != moved[0]).any()  # training moves the mixing
+    metrics = pd.read_csv(tmp_path / "csv" / "metrics.csv")
+    for key in ["mix/0.attn/dist", "mix/1.mlp/dist_std", "mix/0.mlp/read_entropy"]:
+        assert sorted(metrics.loc[metrics[key].notna(), "step"]) == [0, 2, 4], key
+    assert ("mix/1.attn/sinkhorn_residual" in metrics) == (residual == "mhc")
+    assert not any(c.startswith(("beta/", "k/", "e_pre/")) for c in metrics)
+    assert len(callback.rows) == 12 and callback.seconds > 0

@@ -1,8 +1,11 @@
 """What the gate, the direction and the discrepancy do: statistics of one `model.probe()`.
 
 `probe_stats` turns the per-sublayer records of `DeltaTransformer.probe` (β, ‖k̃‖, k̂,
-e_pre) into one row of numbers per sublayer. It is pure tensor work (no Lightning, no
-logging), so the callback, the tests and a notebook all compute the same thing.
+e_pre) into one row of numbers per sublayer; `mixing_stats` does the same for the
+Hyper-Connection rules (hc, mhc) from `DeltaTransformer.probe_mixing` (distance of the
+mixing matrix from identity, entropy of the read weights, Sinkhorn residual). It is pure
+tensor work (no Lightning, no logging), so the callback, the tests and a notebook all
+compute the same thing.
 """
 
 from __future__ import annotations
@@ -30,7 +33,11 @@ COLUMNS = (
     + ["k_norm", "k_small", "k_coherence", "k_cos_prev", "k_drift"]
     + ["e_pre_norm", "e_pre_channel_std"]
 )
-FAMILIES = ("beta", "k", "e_pre")
+# hc/mhc runs (docs/hyper_connections.md), per sublayer over the probe's tokens: mean and std of
+# ‖A_r − I‖_F (mhc: ‖H_res − I‖_F), mean entropy of the read weights (nats; 0 reads one stream,
+# log n all alike) and, for mhc, the largest |column sum − 1| left by Sinkhorn (NaN for hc)
+MIX_COLUMNS = ["mix_dist", "mix_dist_std", "mix_read_entropy", "mix_sinkhorn_residual"]
+FAMILIES = ("beta", "k", "e_pre", "mix")
 
 
 def metric_name(column: str, sublayer: str) -> str:
@@ -119,11 +126,37 @@ def probe_stats(
     return rows, {n: m.detach() for n, m in mean_k.items()}
 
 
+@torch.no_grad()
+def mixing_stats(records: dict[str, dict[str, Tensor]]) -> list[dict[str, float | int | str]]:
+    """One row per sublayer (``sublayer``, ``layer``, ``part`` and `MIX_COLUMNS`) from the
+    records of `DeltaTransformer.probe_mixing`. Static connections give one value per
+    sublayer (their std is 0). Empty for a model without Hyper-Connections."""
+    names = list(records)
+    if not names:
+        return []
+    vectors = []
+    for name in names:
+        rec = records[name]
+        dist = rec["mix_dist"].float().flatten()
+        entropy = rec["read_entropy"].float().flatten()
+        nan = torch.tensor(math.nan, device=dist.device)
+        residual = rec["sinkhorn_residual"].float().amax() if "sinkhorn_residual" in rec else nan
+        std = dist.std() if dist.numel() > 1 else dist.new_zeros(())
+        vectors.append(torch.stack([dist.mean(), std, entropy.mean(), residual]))
+    values = torch.stack(vectors).cpu().tolist()  # one device sync for the whole probe
+    rows: list[dict[str, float | int | str]] = []
+    for name, vals in zip(names, values, strict=True):
+        layer, part = split_sublayer(name)
+        rows.append({"sublayer": name, "layer": layer, "part": part, **dict(zip(MIX_COLUMNS, vals, strict=True))})
+    return rows
+
+
 def rows_to_metrics(rows: list[dict[str, float | int | str]]) -> dict[str, float]:
-    """Flatten probe rows into ``{family}/{sublayer}/{stat}`` metrics, skipping NaNs."""
+    """Flatten probe rows (`COLUMNS` or `MIX_COLUMNS`) into ``{family}/{sublayer}/{stat}``
+    metrics, skipping NaNs."""
     out: dict[str, float] = {}
     for row in rows:
-        for col in COLUMNS:
+        for col in (c for c in (*COLUMNS, *MIX_COLUMNS) if c in row):
             value = float(row[col])
             if not math.isnan(value):
                 out[metric_name(col, str(row["sublayer"]))] = value

@@ -10,7 +10,14 @@ training) one `model.probe()` forward gives per sublayer β, ‖k̃‖, k̂ and 
   a layer × step heatmap of mean β (``beta_heatmap``) and the table (``probes``);
 - to ``probes.csv`` in the run directory: one row per step × sublayer.
 
-Rank 0 only. Additive runs have no gate: the callback says so once and does nothing.
+For the Hyper-Connection rules (``residual=hc|mhc``, no gate) the probe is
+`model.probe_mixing()` instead, and `deepdelta.analysis.mechanism.mixing_stats` gives per
+sublayer the mixing matrix's distance from identity (mean and std over tokens), the entropy of
+the read weights and mHC's Sinkhorn residual: logged as ``mix/{layer}.{attn|mlp}/{dist|dist_std|
+read_entropy|sinkhorn_residual}``, written to ``probes.csv`` as the ``mix_*`` columns, and at the
+end a layer × step heatmap of the distance (``mix_heatmap``) and the table go to W&B.
+
+Rank 0 only. Additive runs have no gate and no mixing: the callback says so once and does nothing.
 
 A run resumed from a checkpoint at step S replays the steps after it: ``probes.csv`` keeps the rows of
 the steps before S and the probe of step S (taken just before the checkpoint, which Lightning saves after
@@ -30,8 +37,9 @@ import pandas as pd
 import torch
 from lightning.pytorch.loggers import WandbLogger
 
-from deepdelta.analysis.mechanism import COLUMNS, probe_stats, read_probes, rows_to_metrics
+from deepdelta.analysis.mechanism import COLUMNS, MIX_COLUMNS, mixing_stats, probe_stats, read_probes, rows_to_metrics
 from deepdelta.loggers import keep_rows_before
+from deepdelta.model.residual import HYPER
 
 log = logging.getLogger(__name__)
 
@@ -135,24 +143,30 @@ class MechanismProbe(L.Callback):
         start = time.perf_counter()
         self._last_step = step
         model = pl_module.model
+        hyper = pl_module.config.residual in HYPER
         was_training = model.training
         model.eval()
         try:
             idx = self._batch.to(pl_module.device, non_blocking=True)
             with trainer.precision_plugin.forward_context():  # the training precision (bf16 on GPU)
-                records = model.probe(idx)
+                records = model.probe_mixing(idx) if hyper else model.probe(idx)
         finally:
             model.train(was_training)
-        self._previous_mean_k = self._mean_k
-        rows, self._mean_k = probe_stats(records, pl_module.config.k_eps, self._mean_k)
+        if hyper:
+            rows = mixing_stats(records)
+        else:
+            self._previous_mean_k = self._mean_k
+            rows, self._mean_k = probe_stats(records, pl_module.config.k_eps, self._mean_k)
         if not rows:
-            self._batch = None  # a model without gates: nothing to come either
+            self._batch = None  # a model without gates or mixing: nothing to come either
             return []
         rows = [{"step": step, **r} for r in rows]
         self.rows.extend(rows)
-        self._append(trainer, rows)
+        self._append(trainer, rows, MIX_COLUMNS if hyper else COLUMNS)
         wandb_on = any(isinstance(lg, WandbLogger) for lg in trainer.loggers)
-        hist = self._histograms(records, pl_module.config.beta_max) if self.histograms and wandb_on else {}
+        # β histograms only: the mixing statistics are one number per token and sublayer, summarised in the rows
+        want_hist = self.histograms and wandb_on and not hyper
+        hist = self._histograms(records, pl_module.config.beta_max) if want_hist else {}
         # cumulative cost so far; this probe's own logging is counted in the next value
         metrics = {**rows_to_metrics(rows), "probe/seconds": self.seconds + time.perf_counter() - start}
         for logger in trainer.loggers:
@@ -162,10 +176,10 @@ class MechanismProbe(L.Callback):
         self.seconds += time.perf_counter() - start
         return rows
 
-    def _append(self, trainer: L.Trainer, rows: list[dict[str, Any]]) -> None:
+    def _append(self, trainer: L.Trainer, rows: list[dict[str, Any]], columns: list[str]) -> None:
         path = self.path(trainer)
         path.parent.mkdir(parents=True, exist_ok=True)
-        frame = pd.DataFrame(rows, columns=["step", "sublayer", "layer", "part", *COLUMNS])
+        frame = pd.DataFrame(rows, columns=["step", "sublayer", "layer", "part", *columns])
         frame.to_csv(path, mode="a", header=not path.exists(), index=False)
 
     def _histograms(self, records: dict[str, dict[str, torch.Tensor]], beta_max: float) -> dict[str, Any]:
@@ -180,7 +194,8 @@ class MechanismProbe(L.Callback):
         return out
 
     def _log_summary(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """The β heatmap and the probe table, once, to W&B (cumulative, so at the end)."""
+        """The β heatmap (hc/mhc: the mixing heatmap) and the probe table, once, to W&B
+        (cumulative, so at the end)."""
         if not self.rows or not trainer.is_global_zero:
             return
         wandb_loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
@@ -188,11 +203,14 @@ class MechanismProbe(L.Callback):
             return
         import wandb
 
-        from deepdelta.analysis.figures import beta_heatmap
+        from deepdelta.analysis.figures import beta_heatmap, mix_heatmap
 
         path = self.path(trainer)  # the whole table: a resumed run's heatmap covers the steps before too
         frame = read_probes(path) if path.exists() else pd.DataFrame(self.rows)
-        fig = beta_heatmap(frame, pl_module.config.beta_max)
-        payload = {"beta_heatmap": wandb.Image(fig), "probes": wandb.Table(dataframe=frame)}
+        if pl_module.config.residual in HYPER:
+            heatmap = {"mix_heatmap": wandb.Image(mix_heatmap(frame))}
+        else:
+            heatmap = {"beta_heatmap": wandb.Image(beta_heatmap(frame, pl_module.config.beta_max))}
+        payload = {**heatmap, "probes": wandb.Table(dataframe=frame)}
         for logger in wandb_loggers:
             logger.experiment.log({**payload, "trainer/global_step": trainer.global_step})
