@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -54,19 +55,27 @@ def _edges(steps: np.ndarray) -> np.ndarray:
     return np.concatenate([steps, [steps[-1] + gap]])
 
 
-def draw_beta_heatmap(ax: Axes, probes: pd.DataFrame, beta_max: float = 2.0, column: str = "beta_mean"):
-    """Mean β per sublayer (rows, layer 0 at the top) and probe step (columns). The colour
-    map is centred on β = β_max/2: blue leans to identity, red to reflection."""
+def _sublayer_heatmap(ax: Axes, probes: pd.DataFrame, column: str, **mesh: Any):
+    """``column`` per sublayer (rows, layer 0 at the top) and probe step (columns)."""
     order = sublayer_order(probes)
     grid = probes.pivot_table(index="sublayer", columns="step", values=column).reindex(order)
     steps = grid.columns.to_numpy(dtype=float)
-    mesh = ax.pcolormesh(
-        _edges(steps), np.arange(len(order) + 1), grid.to_numpy(), cmap="RdBu_r", vmin=0.0, vmax=beta_max
-    )
+    out = ax.pcolormesh(_edges(steps), np.arange(len(order) + 1), grid.to_numpy(), **mesh)
     ax.set_yticks(np.arange(len(order)) + 0.5, order, fontsize=7 if len(order) > 16 else 8)
     ax.invert_yaxis()
     ax.set_xlabel("step (a cell runs from its probe to the next)")
-    return mesh
+    return out
+
+
+def draw_beta_heatmap(ax: Axes, probes: pd.DataFrame, beta_max: float = 2.0, column: str = "beta_mean"):
+    """Mean β per sublayer (rows, layer 0 at the top) and probe step (columns). The colour
+    map is centred on β = β_max/2: blue leans to identity, red to reflection."""
+    return _sublayer_heatmap(ax, probes, column, cmap="RdBu_r", vmin=0.0, vmax=beta_max)
+
+
+def draw_mix_heatmap(ax: Axes, probes: pd.DataFrame, vmax: float | None = None, column: str = "mix_dist"):
+    """hc/mhc: mean ‖mixing − I‖_F per sublayer and probe step; white is identity mixing."""
+    return _sublayer_heatmap(ax, probes, column, cmap="Purples", vmin=0.0, vmax=vmax)
 
 
 def beta_heatmap(probes: pd.DataFrame, beta_max: float = 2.0, title: str = "mean β per sublayer") -> Figure:
@@ -77,6 +86,47 @@ def beta_heatmap(probes: pd.DataFrame, beta_max: float = 2.0, title: str = "mean
     mesh = draw_beta_heatmap(ax, probes, beta_max)
     fig.colorbar(mesh, ax=ax, label="mean β")
     ax.set_title(title)
+    return fig
+
+
+def mix_heatmap(probes: pd.DataFrame, title: str = "mean ‖mixing − I‖_F per sublayer") -> Figure:
+    """hc/mhc: layer × step heatmap of the mixing matrix's distance from identity."""
+    n = probes["sublayer"].nunique()
+    fig = Figure(figsize=(7.5, 1.6 + 0.28 * n), layout="constrained")
+    ax = fig.add_subplot()
+    mesh = draw_mix_heatmap(ax, probes)
+    fig.colorbar(mesh, ax=ax, label="‖mixing − I‖_F")
+    ax.set_title(title)
+    return fig
+
+
+def mixing_panels(probes: pd.DataFrame, streams: int | None = None) -> Figure:
+    """hc/mhc: the mixing matrix's distance from identity (mean and spread over tokens), the
+    read weights' entropy (dotted: log n, all streams alike) and, for mhc, the Sinkhorn
+    residual; one line per sublayer (colour: layer; solid: attention, dashed: MLP)."""
+    panels = [
+        ("mix_dist", "mean ‖mixing − I‖_F", False),
+        ("mix_read_entropy", "entropy of the read weights (nats)", False),
+    ]
+    if (probes["mix_dist_std"].fillna(0) > 0).any():  # static connections have no spread
+        panels.insert(1, ("mix_dist_std", "std of ‖mixing − I‖_F over tokens", False))
+    if probes["mix_sinkhorn_residual"].notna().any():
+        panels.append(("mix_sinkhorn_residual", "Sinkhorn residual max |column sum − 1|", True))
+    fig = Figure(figsize=(11, 2.6 * math.ceil(len(panels) / 2)), layout="constrained")
+    axes = fig.subplots(math.ceil(len(panels) / 2), 2, squeeze=False).flatten()
+    for ax, (col, title, log) in zip(axes, panels, strict=False):
+        _sublayer_lines(ax, probes, col)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+        if col == "mix_read_entropy" and streams and streams > 1:
+            ax.axhline(math.log(streams), color="grey", linestyle=":", linewidth=1)
+        values = probes[col].dropna()
+        if log and len(values) and values.min() > 0:
+            ax.set_yscale("log")  # the residual spans decades as Sinkhorn converges
+    for ax in axes[len(panels) :]:
+        ax.set_visible(False)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right upper", fontsize=7, title="sublayer", title_fontsize=8)
     return fig
 
 
@@ -238,6 +288,29 @@ def group_beta_heatmaps(groups: Sequence[Group]) -> Figure | None:
         seeds = f" ({len(group.runs)} seeds)" if len(group.runs) > 1 else ""
         ax.set_title(group.label + seeds, fontsize=9)
     fig.colorbar(mesh, ax=list(axes[: len(gated)]), label="mean β", shrink=0.8)
+    return fig
+
+
+def _mixing_probes(groups: Sequence[Group]) -> list[tuple[Group, pd.DataFrame]]:
+    """(group, its probes averaged over seeds) for every hc/mhc configuration with mixing probes."""
+    mixing = [(g, mean_over_seeds(g.runs)) for g in groups if g.has_mixing]
+    return [(g, p) for g, p in mixing if "mix_dist" in p]
+
+
+def group_mix_heatmaps(groups: Sequence[Group]) -> Figure | None:
+    """One ‖mixing − I‖_F heatmap per hc/mhc configuration (averaged over its seeds), on one
+    colour scale; None without such configurations."""
+    mixing = _mixing_probes(groups)
+    if not mixing:
+        return None
+    fig, axes = _panel_grid(mixing, max_cols=2, width=6.5, row_height=1.4)
+    vmax = max(float(p["mix_dist"].max()) for _, p in mixing) or 1.0
+    mesh = None
+    for ax, (group, probes) in zip(axes, mixing, strict=False):
+        mesh = draw_mix_heatmap(ax, probes, vmax=vmax)
+        seeds = f" ({len(group.runs)} seeds)" if len(group.runs) > 1 else ""
+        ax.set_title(group.label + seeds, fontsize=9)
+    fig.colorbar(mesh, ax=list(axes[: len(mixing)]), label="‖mixing − I‖_F", shrink=0.8)
     return fig
 
 

@@ -185,9 +185,29 @@ def _mechanism_section(report: Report, probes: pd.DataFrame, beta_max: float, pr
     report.table(tables.sublayer_table(probes))
 
 
+def _mixing_section(report: Report, probes: pd.DataFrame, streams: int | None, prefix: str = "") -> None:
+    """hc/mhc: what the connections do, from the mixing columns of probes.csv."""
+    report.figure(
+        figures.mix_heatmap(probes),
+        f"{prefix}mix_heatmap",
+        "Distance of the stream-mixing matrix from identity per sublayer over training (white: identity).",
+    )
+    entropy = f" (dotted: log n = {math.log(streams):.3f}, every stream read alike)" if streams and streams > 1 else ""
+    report.figure(
+        figures.mixing_panels(probes, streams),
+        f"{prefix}mixing",
+        f"‖mixing − I‖_F and the entropy of the read weights{entropy}"
+        + (", and mHC's Sinkhorn residual" if probes["mix_sinkhorn_residual"].notna().any() else "")
+        + ", per sublayer.",
+    )
+    report.text("Last probe, per sublayer:")
+    report.table(tables.mixing_sublayer_table(probes))
+
+
 def run_report(run_dir: Path, out: Path | None = None, command: str | None = None) -> Path:
-    """Report of one run: results, loss curves and (DDL) the mechanism probes; into the run
-    directory, or at ``out`` (see the module docstring)."""
+    """Report of one run: results, loss curves and the mechanism probes (β for ddl and
+    write_only, the mixing for hc and mhc); into the run directory, or at ``out`` (see the
+    module docstring)."""
     run = Run(Path(run_dir))
     group = Group(label=" ".join(run.named_overrides) or "default", runs=[run])
     layout = Layout.inside(run.path) if out is None else Layout.at(Path(out))
@@ -206,7 +226,15 @@ def run_report(run_dir: Path, out: Path | None = None, command: str | None = Non
     report.heading("Loss")
     report.figure(figures.loss_curves([group]), "loss", "Loss against tokens, FLOPs and training wall-clock.")
     report.heading("Mechanism probes")
-    if not group.has_gate:
+    if group.has_mixing:
+        if "mix_dist" in run.probes:
+            _mixing_section(report, run.probes, run.streams)
+        else:
+            report.text(
+                f"No mixing probes recorded for residual `{run.residual}` (probes.csv is missing or has no mixing "
+                "columns: the probe callback was off, the run stopped early or predates the mixing probes)."
+            )
+    elif not group.has_gate:
         report.text("Additive residual: there is no gate, so there are no β, k or discrepancy probes.")
     elif run.probes.empty:
         report.text("No probes recorded (probes.csv is missing: the probe callback was off or the run stopped early).")
@@ -261,6 +289,16 @@ def sweep_report(
     report.table(tables.mechanism_table(groups))
     report.figure(figures.group_beta_heatmaps(groups), "beta_heatmaps", "Mean β per sublayer over training.")
     report.figure(figures.group_regime_bars(groups), "regimes", "Gate regimes per sublayer at the last probe.")
+    mixing = tables.mixing_table(groups)
+    if not mixing.empty:
+        report.heading("The mixing (Hyper-Connections)")
+        report.text(
+            "hc and mhc have no gate; their probes measure the stream-mixing matrix's distance from identity "
+            "(‖mixing − I‖_F), the entropy of the read weights (0: one stream read, log n: all alike) and mHC's "
+            "Sinkhorn residual (largest |column sum − 1|), at the last probe."
+        )
+        report.table(_blank_missing(mixing))
+        report.figure(figures.group_mix_heatmaps(groups), "mix_heatmaps", "‖mixing − I‖_F per sublayer over training.")
     report.heading("Runs")
     report.table(_runs_table(runs, groups))
     report.discussion(sweep_dir)

@@ -24,6 +24,7 @@ from omegaconf import OmegaConf
 from deepdelta.analysis.mechanism import read_probes
 from deepdelta.model.config import IMPLS, ModelConfig
 
+HYPER = ("hc", "mhc")  # the Hyper-Connection rules, as deepdelta.model.residual.HYPER
 # Config keys that do not change what is trained (where outputs go, how it is logged).
 IGNORED_PREFIXES = ("seed", "data.seed", "paths.", "logger.", "callbacks.", "hydra.", "tags", "project", "ckpt_path",
                     "eval.")  # fmt: skip
@@ -97,7 +98,8 @@ class Run:
 
     @cached_property
     def probes(self) -> pd.DataFrame:
-        """The mechanism probes (one row per step × sublayer); empty for additive runs."""
+        """The mechanism probes (one row per step × sublayer: β columns for ddl/write_only,
+        mixing columns for hc/mhc); empty for additive runs."""
         file = self.path / "probes.csv"
         return read_probes(file) if file.exists() else pd.DataFrame()
 
@@ -112,6 +114,15 @@ class Run:
     @property
     def beta_max(self) -> float:
         return float(self.config.get("model", {}).get("beta_max", 2.0))
+
+    @property
+    def streams(self) -> int | None:
+        """dv (hc/mhc: the number of streams n), where the saved config states it as a number
+        (``model.dv`` is usually the interpolation ``${dv}`` of the top-level ``dv``)."""
+        for value in (self.config.get("model", {}).get("dv"), self.config.get("dv")):
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+        return None
 
     @property
     def status(self) -> str:
@@ -199,7 +210,14 @@ class Group:
 
     @property
     def has_gate(self) -> bool:
-        return self.residual != "additive"
+        """ddl and write_only: a gate β and a direction k (the β probes); additive and the
+        Hyper-Connection rules have neither."""
+        return self.residual not in ("additive", *HYPER)
+
+    @property
+    def has_mixing(self) -> bool:
+        """hc and mhc: mixing matrices and read weights (the mixing probes)."""
+        return self.residual in HYPER
 
     @property
     def seeds(self) -> list[int]:
@@ -246,7 +264,7 @@ def _disambiguate(groups: list[Group]) -> None:
 def baseline_for(group: Group, groups: list[Group]) -> Group | None:
     """The additive group closest to ``group`` in config (fewest differing keys), so DDL
     dv=4 is compared with additive dv=4 when the sweep has one, else with the additive run."""
-    candidates = [g for g in groups if not g.has_gate]
+    candidates = [g for g in groups if g.residual == "additive"]
     if not candidates:
         return None
     mine = dict(group.first.key)

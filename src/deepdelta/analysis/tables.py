@@ -126,6 +126,43 @@ def mechanism_table(groups: Sequence[Group]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def mixing_table(groups: Sequence[Group]) -> pd.DataFrame:
+    """Per hc/mhc configuration, at its last probe (sublayers averaged over seeds): the mean and
+    largest ‖mixing − I‖_F over sublayers, the mean entropy of the read weights and the largest
+    Sinkhorn residual (mhc). Empty when no configuration has Hyper-Connections."""
+    rows = []
+    for group in (g for g in groups if g.has_mixing):
+        probes = mean_over_seeds(group.runs)
+        if "mix_dist" not in probes:
+            rows.append({"model": group.label, "step": "no probes"})
+            continue
+        last = probes[probes["step"] == probes["step"].max()]
+        residual = last["mix_sinkhorn_residual"].max()
+        rows.append(
+            {
+                "model": group.label,
+                "step": int(last["step"].iloc[0]),
+                "mean ‖mix − I‖": round(float(last["mix_dist"].mean()), 3),
+                "max ‖mix − I‖ (sublayer)": round(float(last["mix_dist"].max()), 3),
+                "mean read entropy": round(float(last["mix_read_entropy"].mean()), 3),
+                "max Sinkhorn residual": float(f"{residual:.2g}") if pd.notna(residual) else None,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def mixing_sublayer_table(probes: pd.DataFrame) -> pd.DataFrame:
+    """hc/mhc: the last probe of one run, one row per sublayer (a Sinkhorn residual only for mhc)."""
+    last = probes[probes["step"] == probes["step"].max()]
+    cols = ["sublayer", "mix_dist", "mix_dist_std", "mix_read_entropy", "mix_sinkhorn_residual"]
+    out = last[[c for c in cols if c in last]].reset_index(drop=True)
+    out = out.drop(columns=[c for c in out.columns if out[c].isna().all()])  # hc: no Sinkhorn
+    rounded = out.round(3)
+    if "mix_sinkhorn_residual" in out:  # tiny by design: keep two significant digits
+        rounded["mix_sinkhorn_residual"] = out["mix_sinkhorn_residual"].map(lambda v: float(f"{v:.2g}"))
+    return rounded
+
+
 def sublayer_table(probes: pd.DataFrame) -> pd.DataFrame:
     """The last probe of one run, one row per sublayer, the main columns rounded."""
     last = probes[probes["step"] == probes["step"].max()]
