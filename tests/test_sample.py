@@ -109,14 +109,18 @@ def test_bad_runs(tmp_path: Path, run_dir: Path, cache_dir: Path, capsys):
         assert sample.main([str(path), "--prompt", "x"]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and err.count("\n") == 1
-    # a model file outside a run: the tokenizer must be named
+    # a model file outside a run: its vocabulary (256) implies the byte tokenizer, as for eval;
+    # --tokenizer names it explicitly, and a bad name is refused with the allowed ones
     from deepdelta.convert import save_model
 
     save_model(load_model(run_dir), tmp_path / "model.pt")
-    assert sample.main([str(tmp_path / "model.pt"), "--prompt", "x"]) == 2
-    assert "--tokenizer" in capsys.readouterr().err
-    args = ["--prompt", "x", "--tokenizer", "byte", "--max-new-tokens", "2", "--device", "cpu"]
+    args = ["--prompt", "x", "--max-new-tokens", "2", "--device", "cpu", "--temperature", "0"]
     assert sample.main([str(tmp_path / "model.pt"), *args]) == 0
+    inferred = capsys.readouterr().out
+    assert sample.main([str(tmp_path / "model.pt"), *args, "--tokenizer", "byte"]) == 0
+    assert capsys.readouterr().out == inferred
+    assert sample.main([str(tmp_path / "model.pt"), *args, "--tokenizer", "bpe"]) == 2
+    assert "--tokenizer: got 'bpe', allowed: byte | gpt2" in capsys.readouterr().err
     # a real process: the message and no traceback
     proc = subprocess.run(
         [sys.executable, "-m", "deepdelta.sample", str(tmp_path / "missing"), "--prompt", "x"],

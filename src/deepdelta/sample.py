@@ -4,7 +4,9 @@
         --temperature 0.8 --top-k 50 [--seed 0] [--no-cache] [--device cuda] [--tokenizer byte|gpt2]
 
 RUN_DIR is a run directory (its newest checkpoint and its own tokenizer: byte, gpt2 or the
-run's BPE), a Lightning ``.ckpt`` inside one, or a deepdelta model file (then ``--tokenizer``).
+run's BPE), a Lightning ``.ckpt`` inside one, or a deepdelta model file (its vocabulary implies
+the tokenizer: 256 byte, 50257/50304 gpt2; ``--tokenizer`` overrides). The rule is
+``deepdelta.data.tokenizer.tokenizer_for``, which ``python -m deepdelta.eval`` shares.
 Prints the prompt and its continuation (up to the end-of-text token) on stdout, and the
 number of new tokens and tokens/s on stderr. On a GPU the model runs in bf16 autocast.
 Bad input prints one ``error:`` line and exits with status 2.
@@ -40,7 +42,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="seed of the sampling (default: unseeded)")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole context every token (reference)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--tokenizer", choices=("byte", "gpt2"), help="for a model file outside a run directory")
+    p.add_argument(
+        "--tokenizer",
+        metavar="byte|gpt2",
+        help="override the run's tokenizer (default: the run's, or a model file's vocabulary)",
+    )
     return p
 
 
@@ -55,22 +61,16 @@ def _check(args: argparse.Namespace) -> None:
         raise _Usage(f"--top-k: got {args.top_k}, allowed: an integer >= 1")
     if not args.run.exists():
         raise _Usage(f"{args.run}: no such run directory or file")
+    if args.tokenizer is not None:  # a bad name stops before the model loads
+        from deepdelta.data.tokenizer import TOKENIZER_OVERRIDES
 
-
-def _tokenizer(args: argparse.Namespace):
-    from deepdelta.data.tokenizer import ByteTokenizer, GPT2Tokenizer, from_run, run_dir_of
-
-    if args.tokenizer == "byte":
-        return ByteTokenizer()
-    if args.tokenizer == "gpt2":
-        return GPT2Tokenizer()
-    if run_dir_of(args.run) is None:
-        raise _Usage(f"{args.run}: not inside a run directory, so its tokenizer is unknown: pass --tokenizer byte|gpt2")
-    return from_run(args.run)
+        if args.tokenizer not in TOKENIZER_OVERRIDES:
+            raise _Usage(f"--tokenizer: got {args.tokenizer!r}, allowed: {' | '.join(TOKENIZER_OVERRIDES)}")
 
 
 def run(args: argparse.Namespace) -> int:
     from deepdelta.convert import load_model
+    from deepdelta.data.tokenizer import tokenizer_for
     from deepdelta.model.decode import generate
 
     _check(args)
@@ -79,9 +79,7 @@ def run(args: argparse.Namespace) -> int:
         model = load_model(args.run)
     except Exception as e:  # a missing checkpoint, or a file that is not a model: say which, no traceback
         raise _Usage(f"{args.run}: cannot load a model: {e}") from e
-    tok = _tokenizer(args)
-    if tok.vocab_size > model.config.vocab_size:
-        raise _Usage(f"tokenizer {tok.name} has {tok.vocab_size} ids, the model embeds {model.config.vocab_size}")
+    tok = tokenizer_for(args.run, model.config.vocab_size, args.tokenizer, option="--tokenizer")
     model.to(device)
     idx = torch.as_tensor(tok.encode_batch([args.prompt])[0].astype("int64"), device=device)[None]  # eot first
     generator = torch.Generator(device).manual_seed(args.seed) if args.seed is not None else None

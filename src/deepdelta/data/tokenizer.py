@@ -239,3 +239,45 @@ def from_run(path: str | os.PathLike) -> Tokenizer:
             "or the run used another cache: point DEEPDELTA_CACHE at the cache it trained with)"
         )
     return BPETokenizer.load(file, dm.bpe_vocab_size)
+
+
+TOKENIZER_OVERRIDES = ("byte", "gpt2")  # the ones that need no run: bpe lives in its run's token cache
+_VOCAB_IMPLIES = {256: "byte", GPT2_VOCAB: "gpt2", GPT2_PADDED_VOCAB: "gpt2"}
+
+
+def tokenizer_for(
+    path: str | os.PathLike, vocab_size: int, override: str | None = None, option: str = "--tokenizer"
+) -> Tokenizer:
+    """The tokenizer to read and write a model's tokens with (``deepdelta.eval`` and
+    ``deepdelta.sample`` share this rule). ``path``: a run directory, a checkpoint inside one,
+    or a bare model file; ``vocab_size``: the model's embedding rows. In order:
+
+    1. ``override`` (``byte`` or ``gpt2``), when the user named one (``option`` is how, for
+       the messages);
+    2. the run's own tokenizer (``from_run``: byte, gpt2 or the run's BPE);
+    3. for a model file outside any run, the one its vocabulary implies: 256 → byte,
+       50257 or 50304 → gpt2 (a BPE vocabulary cannot be told from its size).
+
+    Raises DataError naming the bad value and what is allowed; also when the tokenizer's ids
+    do not fit the model's embedding."""
+    if override is not None:
+        name = choose(option.strip("-="), override, TOKENIZER_OVERRIDES)
+    elif run_dir_of(path) is not None:
+        name = None
+    elif int(vocab_size) in _VOCAB_IMPLIES:
+        name = _VOCAB_IMPLIES[int(vocab_size)]
+    else:
+        implied = ", ".join(f"{v} → {n}" for v, n in _VOCAB_IMPLIES.items())
+        raise DataError(
+            f"{path}: a model file outside a run directory with vocabulary {vocab_size}, so its tokenizer "
+            f"is unknown (a vocabulary implies one only for {implied}): give its run directory instead, "
+            f"or {option} {' | '.join(TOKENIZER_OVERRIDES)}"
+        )
+    tok = from_run(path) if name is None else ByteTokenizer() if name == "byte" else GPT2Tokenizer()
+    ids = GPT2_VOCAB if tok.name == "gpt2" else tok.vocab_size  # gpt2's padding ids are never produced
+    if ids > int(vocab_size):
+        raise DataError(
+            f"tokenizer {tok.name} produces ids up to {ids - 1}, the model embeds {vocab_size}: allowed, "
+            f"a tokenizer of at most {vocab_size} ids ({option} {' | '.join(TOKENIZER_OVERRIDES)} or the run's own)"
+        )
+    return tok

@@ -1,7 +1,9 @@
-"""python -m deepdelta.eval RUN_DIR [tasks=paper_1shot] [limit=N] [batch_size=N] [num_fewshot=K]
+"""python -m deepdelta.eval RUN_DIR [tasks=paper_1shot] [limit=N] [batch_size=N] [num_fewshot=K] [tokenizer=byte|gpt2]
 
 Evaluates a run's newest checkpoint (or a model file from ``python -m deepdelta.convert``) with
-lm-evaluation-harness and writes RUN_DIR/eval.json (for a model file: FILE.eval.json). Several
+lm-evaluation-harness and writes RUN_DIR/eval.json (for a model file: FILE.eval.json). The
+tokenizer is the run's own, or for a model file the one its vocabulary implies; ``tokenizer=``
+overrides (``deepdelta.data.tokenizer.tokenizer_for``, shared with ``deepdelta.sample``). Several
 run directories, or ``--sweep DIR``, are evaluated one after another; ``--gpus N`` spreads them
 over this machine's GPUs, one run per GPU at a time.
 """
@@ -13,11 +15,15 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from deepdelta.eval.run import EvalError, evaluate, log_to_wandb, require_harness, write
 from deepdelta.eval.tasks import resolve
 
-KEYS = ("tasks", "limit", "batch_size", "num_fewshot", "device")
+if TYPE_CHECKING:
+    from deepdelta.data.tokenizer import Tokenizer
+
+KEYS = ("tasks", "limit", "batch_size", "num_fewshot", "device", "tokenizer")
 
 
 def _targets(paths: list[Path], sweep: Path | None) -> list[Path]:
@@ -42,7 +48,7 @@ def _one(target: Path, opts: dict[str, str]) -> None:
 
     device = opts.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(target).to(device)
-    tokenizer = _tokenizer(target, model.config.vocab_size)
+    tokenizer = _tokenizer(target, model.config.vocab_size, opts.get("tokenizer"))
     print(f"evaluating {target} on {opts['tasks']} ({device})", flush=True)
     result = evaluate(
         model,
@@ -67,20 +73,15 @@ def _one(target: Path, opts: dict[str, str]) -> None:
     print(f"wrote {out}" + (f"; logged to W&B run {run_id}" if run_id else ""))
 
 
-def _tokenizer(target: Path, vocab_size: int):
-    """The run's own tokenizer; for a model file (no run around it), the one its vocabulary implies."""
-    from deepdelta.data.tokenizer import ByteTokenizer, GPT2Tokenizer, ensure_gpt2_available
+def _tokenizer(target: Path, vocab_size: int, override: str | None = None) -> Tokenizer:
+    """The shared rule (``tokenizer_for``); its DataError becomes this command's EvalError."""
+    from deepdelta.data.errors import DataError
+    from deepdelta.data.tokenizer import tokenizer_for
 
-    if target.is_dir():
-        from deepdelta.data.tokenizer import from_run
-
-        return from_run(target)
-    if vocab_size == 256:
-        return ByteTokenizer()
-    if vocab_size in (50257, 50304):
-        ensure_gpt2_available()
-        return GPT2Tokenizer()
-    raise EvalError(f"{target}: a model file with vocabulary {vocab_size}: evaluate its run directory instead")
+    try:
+        return tokenizer_for(target, vocab_size, override, option="tokenizer=")
+    except DataError as err:
+        raise EvalError(str(err)) from None
 
 
 def _parse(argv: list[str]) -> tuple[argparse.Namespace, dict[str, str]]:
@@ -99,6 +100,10 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, dict[str, str]]:
             raise EvalError(f"{key}: unknown setting, allowed: {', '.join(KEYS)}")
         else:
             paths.append(Path(item))
+    from deepdelta.data.tokenizer import TOKENIZER_OVERRIDES  # (deepdelta.data imports Lightning: not at the top)
+
+    if opts.get("tokenizer") is not None and opts["tokenizer"] not in TOKENIZER_OVERRIDES:
+        raise EvalError(f"tokenizer: got {opts['tokenizer']!r}, allowed: {' | '.join(TOKENIZER_OVERRIDES)}")
     for key in ("limit", "batch_size", "num_fewshot"):
         if opts.get(key) and not (opts[key].isdigit() and (key == "num_fewshot" or int(opts[key]) > 0)):
             raise EvalError(f"{key}: got {opts[key]!r}, allowed: an integer >= {0 if key == 'num_fewshot' else 1}")
