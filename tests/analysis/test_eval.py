@@ -24,6 +24,7 @@ pytest.importorskip("lm_eval")
 from deepdelta.data.tokenizer import ByteTokenizer  # noqa: E402
 from deepdelta.eval.lm import DeepDeltaLM  # noqa: E402
 from deepdelta.eval.run import EvalError, evaluate, require_harness  # noqa: E402
+from deepdelta.eval.tasks import write_mc_task  # noqa: E402
 from deepdelta.model import DeltaTransformer  # noqa: E402
 from tests.model.conftest import perturb, tiny_config  # noqa: E402
 
@@ -37,17 +38,8 @@ DOCS = [
 
 
 def local_task(folder: Path, name: str = "dd_local_mc", dataset_path: str = "json") -> Path:
-    """A harness YAML task over a local JSON-lines file (the harness's own `json` loader)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    data = folder / "docs.jsonl"
-    data.write_text("".join(json.dumps(d) + "\n" for d in DOCS))
-    files = f"dataset_kwargs:\n  data_files:\n    test: {data}\n" if dataset_path == "json" else ""
-    (folder / f"{name}.yaml").write_text(
-        f"task: {name}\ndataset_path: {dataset_path}\n{files}test_split: test\noutput_type: multiple_choice\n"
-        'doc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{answer}}"\n'
-        'target_delimiter: ""\nmetric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n'
-    )
-    return folder / f"{name}.yaml"
+    """The harness YAML task over DOCS (``deepdelta.eval.tasks.write_mc_task``, which the benchmark uses too)."""
+    return write_mc_task(folder, DOCS, name, dataset_path)
 
 
 def by_hand(model: DeltaTransformer) -> tuple[list[list[float]], float]:
@@ -164,6 +156,89 @@ def test_offline_hub_task_fails_fast_naming_the_task(cache_dir, tmp_path, tiny_s
     assert proc.returncode == 2 and time.time() - start < 60
     assert "task 'dd_hub_task' could not be loaded" in proc.stderr and "Traceback" not in proc.stderr
     assert not (run / "eval.json").exists() or "dd_hub_task" not in (run / "eval.json").read_text()
+
+
+def test_preset_tasks_and_their_datasets_are_the_harness_own():
+    """Every preset task is a task of the installed harness, and HUB_DATASETS (the offline
+    check's) is its YAML's dataset_path: read as text, no index, no network."""
+    import lm_eval
+
+    from deepdelta.eval.tasks import HUB_DATASETS, PRESETS
+
+    root = Path(lm_eval.__file__).parent / "tasks"
+    yamls = {}
+    for path in root.rglob("*.yaml"):
+        for line in path.read_text(errors="replace").splitlines():
+            if line.startswith("task:"):
+                yamls.setdefault(line.split(":", 1)[1].strip(), path)
+
+    def dataset_path(path: Path) -> str | None:
+        for line in path.read_text().splitlines():
+            if line.startswith("dataset_path:"):
+                return line.split(":", 1)[1].strip()
+            if line.startswith("include:"):  # a variant of another task: its base's data
+                base = dataset_path(path.parent / line.split(":", 1)[1].strip())
+                if base:
+                    return base
+        return None
+
+    names = {t for preset in PRESETS.values() for t in preset.tasks}
+    assert names == set(HUB_DATASETS)
+    for name in sorted(names):
+        assert name in yamls, f"{name}: not a task of lm-evaluation-harness {lm_eval.__version__}"
+        assert dataset_path(yamls[name]) == HUB_DATASETS[name], name
+
+
+def test_offline_preset_without_cached_data_stops_before_indexing(monkeypatch, tmp_path):
+    """Offline, with nothing cached: the first preset task is named with its dataset, before
+    the harness indexes its task YAMLs (~10 s) and without any network."""
+    import datasets.config
+    import huggingface_hub.constants as hub
+    import lm_eval.tasks
+
+    from deepdelta.data import network
+    from deepdelta.eval import run
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(network, "url_reachable", lambda *a, **k: pytest.fail("probed the network"))
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", lambda *a, **k: pytest.fail("indexed the harness tasks"))
+    names = resolve_names("paper_1shot")
+    start = time.time()
+    with pytest.raises(EvalError) as err:
+        run.build_tasks(names, [])
+    assert time.time() - start < 5
+    message = str(err.value)
+    assert message.startswith("task 'arc_challenge' could not be loaded") and "allenai/ai2_arc" in message
+    assert "HF_DATASETS_OFFLINE=1" in message and "local task YAML" in message
+    # with its data in the datasets cache, the check lets the harness try (here: the index)
+    (tmp_path / "datasets" / "allenai___ai2_arc").mkdir(parents=True)
+    with pytest.raises(pytest.fail.Exception, match="indexed the harness tasks"):
+        run.build_tasks(["arc_challenge"], [])
+
+
+def test_cli_offline_paper_preset_says_how_to_fetch(cache_dir, tmp_path):
+    """``python -m deepdelta.eval MODEL tasks=paper_1shot`` offline with an empty HF_HOME: one
+    error line naming the task and the way out, exit status 2, in seconds."""
+    from deepdelta.convert import save_model
+
+    save_model(DeltaTransformer(tiny_config(vocab_size=256, block_size=64)), tmp_path / "model.pt")
+    start = time.time()
+    proc = run_eval(
+        cache_dir, str(tmp_path / "model.pt"), "tasks=paper_1shot", "device=cpu",
+        HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+    )  # fmt: skip
+    assert proc.returncode == 2 and time.time() - start < 60, proc.stderr[-2000:]
+    assert "error: task 'arc_challenge' could not be loaded" in proc.stderr and "Traceback" not in proc.stderr
+    assert "Fetch it once on a machine with network" in proc.stderr
+
+
+def resolve_names(spec: str) -> list[str]:
+    from deepdelta.eval.tasks import resolve
+
+    return resolve(spec)[0]
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from deepdelta.eval import INSTALL_HINT, LM_EVAL_VERSION
-from deepdelta.eval.tasks import AVERAGE_METRIC, _task_name, resolve
+from deepdelta.eval.tasks import AVERAGE_METRIC, HUB_DATASETS, _task_name, resolve
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +35,31 @@ def _hub_reachable() -> bool:
     return not hf_offline() and url_reachable(hf_endpoint())
 
 
+def _hub_cached(repo: str) -> bool:
+    """Whether anything of the hub dataset ``repo`` is in the local caches (the ``datasets``
+    cache or the hub's): when not, an offline load cannot succeed."""
+    import datasets.config
+    import huggingface_hub.constants as hub
+
+    return (Path(datasets.config.HF_DATASETS_CACHE) / repo.replace("/", "___")).exists() or (
+        Path(hub.HF_HUB_CACHE) / f"datasets--{repo.replace('/', '--')}"
+    ).exists()
+
+
+def _not_loadable(name: str, why: str) -> EvalError:
+    return EvalError(
+        f"task {name!r} could not be loaded: {why}. Fetch it once on a machine with network "
+        "(the same command; the datasets cache is HF_HOME), then run with HF_DATASETS_OFFLINE=1, "
+        "or point tasks= at a local task YAML (see the README's Evaluate section)"
+    )
+
+
 def build_tasks(names: list[str], paths: list[Path]) -> tuple[dict[str, Any], Any]:
     """The harness's Task objects, one name at a time so that a failure names its task. With
     the hub unreachable, the datasets libraries are put offline first: a cached copy is used
-    and a missing one fails at once instead of retrying. Returns them and the TaskManager
-    (indexing the harness's own tasks takes ~10 s: it is built once, and only when needed)."""
+    and a missing one fails at once instead of retrying (a preset task's missing data before
+    the harness indexes its tasks). Returns them and the TaskManager (indexing the harness's
+    own tasks takes ~10 s: it is built once, and only when needed)."""
     from lm_eval.tasks import TaskManager, get_task_dict
 
     from deepdelta.data.network import honour_hf_offline
@@ -48,6 +68,10 @@ def build_tasks(names: list[str], paths: list[Path]) -> tuple[dict[str, Any], An
     hub_needed = any(n not in local for n in names)
     if hub_needed and not _hub_reachable():
         os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
+        for name in names:
+            repo = HUB_DATASETS.get(name) if name not in local else None
+            if repo is not None and not _hub_cached(repo):
+                raise _not_loadable(name, f"the Hugging Face hub is not reachable and its data ({repo}) is not cached")
     manager = TaskManager(include_path=[str(p) for p in paths] or None, include_defaults=hub_needed)
     tasks: dict[str, Any] = {}
     with honour_hf_offline():
@@ -61,11 +85,7 @@ def build_tasks(names: list[str], paths: list[Path]) -> tuple[dict[str, Any], An
                     if offline
                     else f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
                 )
-                raise EvalError(
-                    f"task {name!r} could not be loaded: {why}. Fetch it once on a machine with network "
-                    "(the same command; the datasets cache is HF_HOME), then run with HF_DATASETS_OFFLINE=1, "
-                    "or point tasks= at a local task YAML (see the README's Evaluate section)"
-                ) from None
+                raise _not_loadable(name, why) from None
     return tasks, manager
 
 

@@ -9,11 +9,30 @@ too, where a task has it).
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-PAPER_TASKS = ("arc_challenge", "arc_easy", "hellaswag", "openbookqa", "piqa", "sciq", "siqa", "winogrande")
+# the harness's names (its Social IQA task is `social_iqa`; there is no `siqa`)
+PAPER_TASKS = ("arc_challenge", "arc_easy", "hellaswag", "openbookqa", "piqa", "sciq", "social_iqa", "winogrande")
 AVERAGE_METRIC = "acc"
+# The hub dataset each preset task loads (the `dataset_path` of its YAML in the pinned harness;
+# tests/analysis/test_eval.py checks them): offline, a missing one is reported before the harness
+# spends ~10 s indexing its thousands of task YAMLs.
+HUB_DATASETS = {
+    "arc_challenge": "allenai/ai2_arc",
+    "arc_easy": "allenai/ai2_arc",
+    "hellaswag": "Rowan/hellaswag",
+    "openbookqa": "allenai/openbookqa",
+    "piqa": "baber/piqa",
+    "sciq": "allenai/sciq",
+    "social_iqa": "lighteval/siqa",
+    "winogrande": "allenai/winogrande",
+    "wikitext": "EleutherAI/wikitext_document_level",
+    "lambada_openai": "EleutherAI/lambada_openai",
+}
 
 
 @dataclass(frozen=True)
@@ -61,3 +80,24 @@ def _task_name(path: Path) -> str:
         if line.startswith("task:"):
             return line.split(":", 1)[1].strip().strip("\"'")
     raise ValueError(f"tasks: {path} has no top-level 'task:' name")
+
+
+def write_mc_task(
+    folder: Path, docs: Sequence[dict[str, Any]], name: str = "dd_local_mc", dataset_path: str = "json"
+) -> Path:
+    """A harness YAML multiple-choice task over ``docs`` (``question``, ``choices``, ``answer``
+    index) written as a local JSON-lines file, loaded by the harness's own ``json`` loader: no
+    network. Another ``dataset_path`` makes the same task read a hub dataset instead (the tests
+    use one that does not exist). Returns the YAML, which ``tasks=`` accepts."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / f"{name}.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    files = f"dataset_kwargs:\n  data_files:\n    test: {data}\n" if dataset_path == "json" else ""
+    yaml = folder / f"{name}.yaml"
+    yaml.write_text(
+        f"task: {name}\ndataset_path: {dataset_path}\n{files}test_split: test\noutput_type: multiple_choice\n"
+        'doc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{answer}}"\n'
+        'target_delimiter: ""\nmetric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n'
+    )
+    return yaml
