@@ -27,7 +27,7 @@ elif [ "$what" = rest ]; then
   wait
   grep -h "finished in\|FAILED" /tmp/rest_a.log /tmp/rest_b.log
 elif [ "$what" = redo ] || [ "$what" = peers ]; then
-  # every job at once, alternating GPUs (5-6 jobs share a GPU: their tok/s measure sharing, not the model)
+  # every job at once, alternating over GPUS (5-6 jobs share a GPU: their tok/s measure sharing, not the model)
   name=replication_$what
   mkdir -p outputs/sweeps/$name
   if [ "$what" = redo ]; then
@@ -38,7 +38,8 @@ elif [ "$what" = redo ] || [ "$what" = peers ]; then
   python3 -m deepdelta.data prepare sweep=replication impl=reference 2>&1 | tail -1
   i=0
   for j in $jobs; do
-    seed=${j%%:*} variant=${j#*:} gpu=$((i % 2)) job=s${j%%:*}_${j#*:}
+    gpus=(${GPUS:-0 1})  # GPUS="1": every job on GPU 1
+    seed=${j%%:*} variant=${j#*:} gpu=${gpus[$((i % ${#gpus[@]}))]} job=s${j%%:*}_${j#*:}
     (CUDA_VISIBLE_DEVICES=$gpu timeout "$LIMIT" python3 src/train.py sweep=replication impl=reference seed=$seed \
       variant=$variant hydra.run.dir=outputs/sweeps/$name/$job > outputs/sweeps/$name/$job.log 2>&1
      echo "$job (gpu $gpu) exit $?") &
