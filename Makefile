@@ -6,7 +6,7 @@ SWEEP   ?= grid
 ARGS    ?=
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help install train sweep test lint format bench bench-ddp data report results eval clean
+.PHONY: help install train sweep test lint format bench bench-ddp bench-eval data report results eval clean
 help:  ## list targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
@@ -41,6 +41,9 @@ bench: install  ## time every variant (GPU: paper small shape; CPU: tiny); ARGS 
 
 bench-ddp: install  ## DDP scaling on this node: the small model on 1 GPU vs GPUS (default 2) at the same per-GPU batch
 	$(BIN)/python -m deepdelta.scaling --gpus $(or $(GPUS),2) $(ARGS)
+
+bench-eval: install  ## eval examples/s and sampling tok/s with and without caches (GPU: small; CPU: tiny); RUN=dir, ARGS
+	$(BIN)/python -m deepdelta.bench_eval $(if $(RUN),--run $(RUN)) $(ARGS)
 
 data: install  ## tokenise a corpus into the shared cache ahead of training; ARGS="data=text data.paths=[corpus/*.txt]"
 	$(BIN)/python -m deepdelta.data prepare $(ARGS)

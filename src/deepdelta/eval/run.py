@@ -149,7 +149,7 @@ def evaluate(
         "tasks_spec": spec,
         "tasks": per_task,
         "limit": limit,
-        "seconds": round(time.time() - start, 1),
+        "seconds": round(time.time() - start, 3),
         "lm_eval_version": raw.get("lm_eval_version", LM_EVAL_VERSION),
     }
     if average:
