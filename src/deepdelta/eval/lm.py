@@ -50,7 +50,9 @@ class DeepDeltaLM(TemplateLM):
 
     @torch.no_grad()
     def _logprobs(self, rows: list[list[int]]) -> list[torch.Tensor]:
-        """Log-softmax (len(row), vocab) of each row's next-token predictions, in fp32 (fp64 for fp64)."""
+        """Log-softmax (len(row), vocab) of each row's next-token predictions, in fp32 (fp64 for fp64),
+        left on the model's device: a row is a vocabulary wide (~70 MB at gpt2's 50304 × 340
+        tokens), so only the continuation's few scores cross to the host."""
         width = max(len(r) for r in rows)
         idx = torch.zeros(len(rows), width, dtype=torch.long)
         for i, r in enumerate(rows):
@@ -58,7 +60,7 @@ class DeepDeltaLM(TemplateLM):
         with self._autocast():
             logits = self.model(idx.to(self._device))
         logp = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
-        return [logp[i, : len(r)].cpu() for i, r in enumerate(rows)]
+        return [logp[i, : len(r)] for i, r in enumerate(rows)]
 
     def _loglikelihood_tokens(
         self, requests: list[tuple[tuple[str, str], list[int], list[int]]], disable_tqdm: bool = False, **kwargs: Any
@@ -78,7 +80,7 @@ class DeepDeltaLM(TemplateLM):
                 spans.append((max(0, len(whole) - 1 - len(continuation)), whole))
             for (start, whole), logp in zip(spans, self._logprobs(rows), strict=True):
                 scores = logp[start:]  # the predictions of the continuation's tokens
-                target = torch.tensor(whole[start + 1 :])
+                target = torch.tensor(whole[start + 1 :], device=scores.device)
                 total = scores.gather(1, target[:, None]).sum().item()
                 out.append((total, bool((scores.argmax(-1) == target).all())))
                 bar.update(1)
