@@ -16,7 +16,8 @@ Variants are ``deepdelta.bench``'s names (``additive``, ``ddl-dv1``, ``ddl-cc-ec
 and ``hc-dvN`` / ``mhc-dvN``, built with random weights at ``--preset`` (the paper's small
 shape on a GPU, tiny on CPU) and read with the byte tokenizer (no download; the speed does
 not depend on the weights). On CPU the defaults are a few examples and tokens, so that the
-tests run it. Prints one table last; ``--out`` writes its rows as CSV.
+tests run it. Prints one table last; ``--out`` writes its rows as CSV (after every variant, so
+that a run cut short keeps the rows it finished).
 """
 
 from __future__ import annotations
@@ -174,6 +175,15 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m deepdelta.bench_eval", description=__doc__.split("\n\n")[0])
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help="comma-separated variant names")
@@ -181,11 +191,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--tokenizer", help="with --run: override its tokenizer (byte | gpt2)")
     p.add_argument("--impl", choices=("reference", "paper"), default="reference", help="the variants' impl")
     p.add_argument("--preset", choices=("small", "tiny", "medium"), help="default: small on CUDA, tiny on CPU")
-    p.add_argument("--examples", type=int, help="multiple-choice examples to score (default: 1000 on CUDA, 8 on CPU)")
+    p.add_argument("--examples", type=int, help="multiple-choice examples to score (default: 500 on CUDA, 8 on CPU)")
     p.add_argument("--context-chars", type=int, help="question length in characters (default: 300 on CUDA, 40 on CPU)")
     p.add_argument("--batch-size", type=int, default=16, help="the harness's batch size (default 16, as make eval)")
     p.add_argument("--prompt-tokens", type=int, help="prompt length for sampling (default: 128 on CUDA, 8 on CPU)")
-    p.add_argument("--new-tokens", type=int, help="tokens to generate (default: 256 on CUDA, 8 on CPU)")
+    p.add_argument("--new-tokens", type=int, help="tokens to generate (default: 128 on CUDA, 8 on CPU)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--out", type=Path, help="also write the rows to this CSV file")
     args = p.parse_args(argv)
@@ -217,10 +227,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     gpu = device.type == "cuda"
     preset = args.preset or ("small" if gpu else "tiny")
-    args.examples = args.examples or (1000 if gpu else 8)
+    args.examples = args.examples or (500 if gpu else 8)
     args.context_chars = args.context_chars or (300 if gpu else 40)
     args.prompt_tokens = args.prompt_tokens or (128 if gpu else 8)
-    args.new_tokens = args.new_tokens or (256 if gpu else 8)
+    args.new_tokens = args.new_tokens or (128 if gpu else 8)
     if args.run is None:
         for name in args.variants.split(","):
             variant_overrides(name.strip())  # a bad name stops before any model is built
@@ -254,18 +264,13 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                 traceback.print_exc()
                 row = dict(variant=name, error=type(e).__name__)
             rows.append(row)
+            if args.out:  # after every row: a run cut short by a timeout keeps the rows it finished
+                write_csv(args.out, rows)
             del model
             gc.collect()
             if gpu:
                 torch.cuda.empty_cache()
     print(format_table(rows), flush=True)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        keys = list(dict.fromkeys(k for r in rows for k in r))
-        with open(args.out, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=keys)
-            writer.writeheader()
-            writer.writerows(rows)
     return rows
 
 
