@@ -103,9 +103,10 @@ def bench_eval(
     evaluate(model, tokenizer, task, num_fewshot=0, limit=min(len(docs), batch_size), batch_size=batch_size)
     _sync(device)
     result = evaluate(model, tokenizer, task, num_fewshot=0, limit=len(docs), batch_size=batch_size)
-    seconds = result["seconds"]  # the harness's run: requests, scoring, metrics (not loading the task)
-    tokens = sum(  # what the model reads: each choice after its question (the EOT-less encodings)
-        len(tokenizer.encode_batch([d["question"] + c])[0]) - 1 for d in docs for c in d["choices"]
+    seconds = max(result["seconds"], 1e-3)  # the harness's run: requests, scoring, metrics (not loading the task)
+    block = model.config.block_size
+    tokens = sum(  # what the model reads: each choice after its question, cropped to block_size as lm.py does
+        min(len(tokenizer.encode_batch([d["question"] + c])[0]) - 2, block) for d in docs for c in d["choices"]
     )
     row = result["tasks"]["dd_bench_mc"]
     return dict(
