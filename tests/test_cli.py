@@ -142,7 +142,8 @@ def test_bad_value_fails_before_training(cli, tmp_path):
     "name, params",
     [("grid", {"residual": "ddl,additive", "dv": "1,2,4"}),
      ("paper_six", {"variant": "additive,ddl,ddl_tc_repeat,ddl_cc_repeat,ddl_tc,ddl_cc"}),
-     ("replication", {"variant": "additive,ddl,write_only,additive_cc,ddl_cc,write_only_cc,ddl_cc_project,ddl_cc_vmap",
+     ("replication", {"variant": "additive,ddl,write_only,additive_cc,ddl_cc,write_only_cc,ddl_cc_project,ddl_cc_vmap,"
+                                 "hc_dynamic_n4,mhc_n4",
                       "seed": "0,1,2"})],
 )  # fmt: skip
 def test_named_sweeps_define_their_grid(name, params):

@@ -57,18 +57,18 @@ def hydra_jobs(overrides: list[str]) -> list[list[str]]:
 
 def test_expand_named_sweep_is_seed_major_like_hydra():
     jobs = expand(["sweep=replication"])
-    assert len(jobs) == 24
+    assert len(jobs) == 30
     assert jobs == hydra_jobs(["sweep=replication"])
     assert {"seed=0", "variant=additive"} <= set(jobs[0])
     assert {"seed=0", "variant=ddl"} <= set(jobs[1])  # variants vary fastest
-    assert {"seed=1", "variant=additive"} <= set(jobs[8])
-    assert {"seed=2", "variant=ddl_cc_vmap"} <= set(jobs[23])
+    assert {"seed=1", "variant=additive"} <= set(jobs[10])
+    assert {"seed=2", "variant=mhc_n4"} <= set(jobs[29])
     assert all("sweep=replication" in job for job in jobs)
 
 
 def test_expand_command_line_value_replaces_the_sweep_files():
     jobs = expand(["sweep=replication", "seed=5"])
-    assert len(jobs) == 8
+    assert len(jobs) == 10
     assert all("seed=5" in job and sum(o.startswith("seed=") for o in job) == 1 for job in jobs)
     assert [next(o for o in job if o.startswith("variant=")) for job in jobs][:2] == [
         "variant=additive",
