@@ -141,22 +141,32 @@ T = TypeVar("T")
 
 
 def over_gpus(items: list[T], gpus: list[str], work: Callable[[T, str], None]) -> None:
-    """``work(item, gpu)`` for every item, one item per GPU at a time, in order, until none is left."""
-    todo, lock = list(items), threading.Lock()
+    """``work(item, gpu)`` for every item, one item per GPU at a time, in order, until none is left.
+    Ctrl-C starts no new item: the running ones (whose processes got the same SIGINT and save at
+    their next step) are waited for, then KeyboardInterrupt is raised; a second Ctrl-C stops waiting."""
+    todo, lock, stop = list(items), threading.Lock(), threading.Event()
 
     def worker(gpu: str) -> None:
         while True:
             with lock:
-                if not todo:
+                if not todo or stop.is_set():
                     return
                 item = todo.pop(0)
             work(item, gpu)
 
-    threads = [threading.Thread(target=worker, args=(g,)) for g in gpus]
+    threads = [threading.Thread(target=worker, args=(g,), daemon=True) for g in gpus]
     for t in threads:
         t.start()
-    for t in threads:
-        t.join()
+    try:
+        for t in threads:
+            t.join()
+    except KeyboardInterrupt:
+        stop.set()
+        print("\nCtrl-C: no new job starts; waiting for the running ones to save (Ctrl-C again stops at once)",
+              file=sys.stderr, flush=True)  # fmt: skip
+        for t in threads:
+            t.join()
+        raise
 
 
 def run_queue(jobs: list[Job], gpus: list[str], logs: Path) -> dict[int, int]:
@@ -196,13 +206,18 @@ def main(argv: list[str] | None = None) -> None:
     logs.mkdir(parents=True, exist_ok=True)
     done = sum(j.status == "finished" for j in jobs)
     print(f"sweep {sweep_dir}: {len(jobs)} jobs ({done} finished before) on GPUs {','.join(gpus)}", flush=True)
-    codes = run_queue(jobs, gpus, logs)
+    gpus_flag = ["--gpus", a.gpus] if a.gpus is not None else []  # the same GPUs (or CPU slots) again
+    again = shlex.join(["python", "-m", "deepdelta.gpusweep", *gpus_flag, "--dir", str(sweep_dir), *a.overrides])
+    try:
+        codes = run_queue(jobs, gpus, logs)
+    except KeyboardInterrupt:
+        write_sweep_summary(sweep_dir)
+        print(f"sweep interrupted; table: {sweep_dir / 'summary.md'}; go on with: {again}", file=sys.stderr)
+        raise SystemExit(130) from None
     frame = write_sweep_summary(sweep_dir)
     print(f"\nSweep summary ({sweep_dir / 'summary.md'}):\n\n{(sweep_dir / 'summary.md').read_text()}")
     failed = sorted(n for n, c in codes.items() if c != 0)
     if failed or (frame["status"] != "finished").any():
-        gpus_flag = ["--gpus", a.gpus] if a.gpus is not None else []  # the same GPUs (or CPU slots) again
-        again = shlex.join(["python", "-m", "deepdelta.gpusweep", *gpus_flag, "--dir", str(sweep_dir), *a.overrides])
         print(f"failed jobs: {failed}; go on with: {again}")
         raise SystemExit(1)
 

@@ -363,3 +363,28 @@ def test_token_throughput_skips_the_parent_update_off_logging_steps(monkeypatch)
     assert calls == [4]  # only the logging batch, with Lightning's 1-based batch count
     assert cb._batches[RunningStage.TRAINING] == 3 and cb._samples[RunningStage.TRAINING] == 6
     assert cb._lengths[RunningStage.TRAINING] == 30
+
+
+def test_ctrl_c_starts_no_new_job_and_waits_for_the_running_ones():
+    """Ctrl-C while a sweep runs: the jobs already running (their processes got the same SIGINT and
+    save at their next step) are waited for, no queued job starts, and KeyboardInterrupt reaches the
+    caller, which then prints the `--dir` command that goes on."""
+    import signal
+    import threading
+
+    started, finished = [], []
+    both_running = threading.Barrier(2)
+
+    def work(item: int, gpu: str) -> None:
+        started.append(item)
+        if item < 2:  # the first two run side by side; job 0 plays the user pressing Ctrl-C
+            both_running.wait(timeout=10)
+            if item == 0:
+                os.kill(os.getpid(), signal.SIGINT)  # a real signal: it wakes the main thread's join
+            time.sleep(0.3)  # still running when the interrupt arrives: must be waited for
+        finished.append(item)
+
+    with pytest.raises(KeyboardInterrupt):
+        gpusweep.over_gpus(list(range(6)), ["0", "1"], work)
+    assert sorted(started) == [0, 1], started
+    assert sorted(finished) == [0, 1], finished

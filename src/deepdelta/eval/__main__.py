@@ -156,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     except (EvalError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # eval.json is written whole or not at all (write: tmp + replace)
+        print("interrupted: a run has eval.json only if its evaluation completed", file=sys.stderr)
+        return 130
     return 0
 
 
