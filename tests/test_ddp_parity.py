@@ -6,8 +6,8 @@ configuration, four runs of ``src/train.py`` from the same seed, each step train
 accumulating 2 × 16, the same again in a second process, and one GPU with one batch of 32.
 All go the training path: Lightning, compiled blocks, bf16 autocast, fused AdamW, gradient
 clipping, the divergence guard. A test-only callback (`RecordParity`) saves the gradients before
-the first optimizer step
-(all-reduced under DDP, accumulated on one GPU) and every micro-batch's training loss.
+the first optimizer step (all-reduced under DDP, accumulated on one GPU) and every micro-batch's
+training loss.
 
 - gradients: ‖g_DDP − g_16×2‖ / ‖g_16×2‖ at most twice the spread of the one-GPU runs, the
   larger of ‖g_32×1 − g_16×2‖ and ‖g_16×2′ − g_16×2‖ (over ‖g_16×2‖), measured in the same test;
