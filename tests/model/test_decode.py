@@ -176,3 +176,20 @@ def test_arguments_and_mode():
             generate(model, idx, **{"max_new_tokens": 2, **bad})
     generate(model, idx, 2)
     assert model.training  # restored
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_stop_check_after_the_next_step_gives_the_same_tokens(monkeypatch, use_cache):
+    """On a GPU generate reads the stop check after it queued the next step (no idle device
+    while the host waits); the tokens must not change. Forced here on the CPU."""
+    import deepdelta.model.decode as decode
+
+    model = model_for(residual="ddl", dv=1)
+    idx = torch.randint(0, V, (2, 4), generator=torch.Generator().manual_seed(7))
+    free = generate(model, idx, 12, temperature=0, use_cache=use_cache)[:, 4:]
+    for stops in ({int(free[0, 2]), int(free[1, 5])}, {int(free[0, 11]), int(free[1, 11])}, {V + 1}):
+        want = generate(model, idx, 12, temperature=0, stop_token_ids=stops, use_cache=use_cache)
+        monkeypatch.setattr(decode, "_read_stop_late", lambda device: True)
+        got = generate(model, idx, 12, temperature=0, stop_token_ids=stops, use_cache=use_cache)
+        monkeypatch.undo()
+        assert torch.equal(got, want)
