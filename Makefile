@@ -4,6 +4,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 SWEEP   ?= grid
 ARGS    ?=
+WORKERS ?= 2
 export PYTHONUNBUFFERED := 1
 
 .PHONY: help install train sweep test lint format bench bench-ddp bench-eval data report results eval clean
@@ -25,8 +26,8 @@ train: install  ## train the default (tiny DDL on the embedded corpus, CPU); ARG
 sweep: install  ## run the named sweep in sweeps/ (SWEEP=grid by default); ARGS adds overrides; GPUS=N: one job per GPU
 	$(if $(GPUS),$(BIN)/python -m deepdelta.gpusweep --gpus $(GPUS),$(BIN)/python src/train.py -m) sweep=$(SWEEP) $(ARGS)
 
-test: install  ## run the test suite (CPU; GPU tests skip themselves) and show its 15 slowest tests
-	$(BIN)/python -m pytest -q --durations=15 $(ARGS)
+test: install  ## run the test suite (CPU; GPU tests skip themselves) on WORKERS=2 processes; show its 15 slowest tests
+	$(BIN)/python -m pytest -q -n $(WORKERS) --durations=15 $(ARGS)
 
 lint: install  ## ruff
 	$(BIN)/ruff check src tests
