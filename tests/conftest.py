@@ -57,6 +57,7 @@ else:
             module = nodeid.split("::", 1)[0]
             return XDIST_GROUPS.get(module, module)
 
+    @pytest.hookimpl(optionalhook=True)  # `-p no:xdist` must still run the suite
     def pytest_xdist_make_scheduler(config: pytest.Config, log):
         config.option.loadscopereorder = False  # collection order (slow modules first), not the largest first
         return ModuleScheduling(config, log)

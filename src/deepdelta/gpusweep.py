@@ -145,27 +145,37 @@ def over_gpus(items: list[T], gpus: list[str], work: Callable[[T, str], None]) -
     Ctrl-C starts no new item: the running ones (whose processes got the same SIGINT and save at
     their next step) are waited for, then KeyboardInterrupt is raised; a second Ctrl-C stops waiting."""
     todo, lock, stop = list(items), threading.Lock(), threading.Event()
+    done = [threading.Event() for _ in gpus]
 
-    def worker(gpu: str) -> None:
-        while True:
-            with lock:
-                if not todo or stop.is_set():
-                    return
-                item = todo.pop(0)
-            work(item, gpu)
+    def worker(gpu: str, finished: threading.Event) -> None:
+        try:
+            while True:
+                with lock:
+                    if not todo or stop.is_set():
+                        return
+                    item = todo.pop(0)
+                work(item, gpu)
+        finally:
+            finished.set()
 
-    threads = [threading.Thread(target=worker, args=(g,), daemon=True) for g in gpus]
-    for t in threads:
-        t.start()
-    try:
+    # Waited for through events, not Thread.join: a join interrupted by Ctrl-C marks a thread that is
+    # still running as stopped (CPython before 3.13), and a second join then returns at once. And with a
+    # timeout: the kernel may hand SIGINT to a worker thread, and a main thread blocked without one
+    # would run Python's handler only when its wait ends (after the next jobs had started).
+    threads = [threading.Thread(target=worker, args=(g, e), daemon=True) for g, e in zip(gpus, done, strict=True)]
+    try:  # the first job can be interrupted while the last thread starts
         for t in threads:
-            t.join()
+            t.start()
+        for e in done:
+            while not e.wait(0.05):
+                pass
     except KeyboardInterrupt:
         stop.set()
         print("\nCtrl-C: no new job starts; waiting for the running ones to save (Ctrl-C again stops at once)",
               file=sys.stderr, flush=True)  # fmt: skip
-        for t in threads:
-            t.join()
+        for t, e in zip(threads, done, strict=True):
+            if t.ident is not None:  # started
+                e.wait()
         raise
 
 
