@@ -25,9 +25,6 @@ XDIST_GROUPS = {
     "tests/analysis/test_notebooks.py": "tiny_sweep",
     "tests/analysis/test_report_cli.py": "tiny_sweep",
 }
-# tests of a minute or more that share no fixture with their module: each is its own work unit, so the two
-# workers can run them side by side (the two CPU compiles, 65-80 s each on a cold Inductor cache)
-XDIST_OWN_UNITS = ("tests/test_fastpath.py::test_compiled_model_matches_eager_cpu",)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -57,8 +54,6 @@ else:
         """A work unit is a module (or an `XDIST_GROUPS` group), handed out in collection order."""
 
         def _split_scope(self, nodeid: str) -> str:
-            if nodeid.startswith(XDIST_OWN_UNITS):
-                return nodeid
             module = nodeid.split("::", 1)[0]
             return XDIST_GROUPS.get(module, module)
 
