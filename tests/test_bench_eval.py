@@ -46,10 +46,10 @@ def test_bench_eval_a_model_file(tmp_path):
 
 
 def test_variant_names_and_limits():
-    assert bench_eval.variant_overrides("hc-dv2") == dict(residual="hc", dv=2)
-    assert bench_eval.variant_overrides("mhc") == dict(residual="mhc", dv=4)
+    assert bench_eval.variant_overrides("hc-dv2") == dict(residual="hc", dv=2, hc_dynamic=True)
+    assert bench_eval.variant_overrides("mhc-dv4") == dict(residual="mhc", dv=4, hc_dynamic=True)
     assert bench_eval.variant_overrides("ddl-cc-ec-dv4") == dict(residual="ddl", compressor="cc", expand="conv", dv=4)
-    with pytest.raises(ValueError, match=r"got 'ddl-xx'.*\{hc\|mhc\}\[-dvN\]"):
+    with pytest.raises(ValueError, match=r"got 'ddl-xx'.*\{hc\|mhc\}\[-static\]"):
         bench_eval.variant_overrides("ddl-xx")
     with pytest.raises(SystemExit, match="at most the preset's block_size 128"):
         bench_eval.main(["--device", "cpu", "--prompt-tokens", "100", "--new-tokens", "29"])

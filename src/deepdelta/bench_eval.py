@@ -12,8 +12,8 @@ For each variant (or one trained run, ``--run RUN_DIR``):
   whole context for every token), each after an untimed warm-up; tokens/s over generate's
   wall time (the prompt's prefill included) and the cache's speed-up.
 
-Variants are ``deepdelta.bench``'s names (``additive``, ``ddl-dv1``, ``ddl-cc-ec-dv4``, ...)
-and ``hc-dvN`` / ``mhc-dvN``, built with random weights at ``--preset`` (the paper's small
+Variants are ``deepdelta.bench``'s names (``additive``, ``ddl-dv1``, ``ddl-cc-ec-dv4``,
+``hc-dv4``, ...), built with random weights at ``--preset`` (the paper's small
 shape on a GPU, tiny on CPU) and read with the byte tokenizer (no download; the speed does
 not depend on the weights). On CPU the defaults are a few examples and tokens, so that the
 tests run it. Prints one table last; ``--out`` writes its rows as CSV (after every variant, so
@@ -26,7 +26,6 @@ import argparse
 import csv
 import gc
 import random
-import re
 import sys
 import tempfile
 import time
@@ -37,29 +36,15 @@ from typing import Any
 
 import torch
 
+from deepdelta.bench import variant_overrides
 from deepdelta.model import DeltaTransformer, ModelConfig
 
 DEFAULT_VARIANTS = ("additive", "ddl-dv1", "ddl-cc-ec-dv4", "ddl-tc-ec-dv4", "hc-dv4", "mhc-dv4")
-_HC_NAME = re.compile(r"^(hc|mhc)(?:-dv(\d+))?$")  # hc/mhc: dv is the number of streams
 _WORDS = (
     "the a of to in is that for on with as by at from it this be are or an which was not has "
     "energy water plant light heat animal cell earth moon rock force mass motion sound sun "
     "because when most likely best would could grows falls changes moves stays"
 ).split()
-
-
-def variant_overrides(name: str) -> dict[str, Any]:
-    """ModelConfig overrides of a variant: ``deepdelta.bench``'s grammar, plus ``hc-dvN`` and
-    ``mhc-dvN`` (Hyper-Connections with N streams)."""
-    from deepdelta.bench import variant_overrides as bench_overrides
-
-    m = _HC_NAME.match(name)
-    if m:
-        return dict(residual=m.group(1), dv=int(m.group(2) or 4))
-    try:
-        return bench_overrides(name)
-    except ValueError as err:
-        raise ValueError(f"{err}, or {{hc|mhc}}[-dvN]") from None
 
 
 def synthetic_docs(n: int, context_chars: int = 300, seed: int = 0, n_choices: int = 4) -> list[dict[str, Any]]:
