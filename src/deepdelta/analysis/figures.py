@@ -112,21 +112,9 @@ def mixing_panels(probes: pd.DataFrame, streams: int | None = None) -> Figure:
         panels.insert(1, ("mix_dist_std", "std of ‖mixing − I‖_F over tokens", False))
     if probes["mix_sinkhorn_residual"].notna().any():
         panels.append(("mix_sinkhorn_residual", "Sinkhorn residual max |column sum − 1|", True))
-    fig = Figure(figsize=(11, 2.6 * math.ceil(len(panels) / 2)), layout="constrained")
-    axes = fig.subplots(math.ceil(len(panels) / 2), 2, squeeze=False).flatten()
-    for ax, (col, title, log) in zip(axes, panels, strict=False):
-        _sublayer_lines(ax, probes, col)
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("step")
-        if col == "mix_read_entropy" and streams and streams > 1:
-            ax.axhline(math.log(streams), color="grey", linestyle=":", linewidth=1)
-        values = probes[col].dropna()
-        if log and len(values) and values.min() > 0:
-            ax.set_yscale("log")  # the residual spans decades as Sinkhorn converges
-    for ax in axes[len(panels) :]:
-        ax.set_visible(False)
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside right upper", fontsize=7, title="sublayer", title_fontsize=8)
+    fig, axes = _sublayer_panels(probes, panels, log_span=0)  # the residual spans decades as Sinkhorn converges
+    if streams and streams > 1:
+        axes["mix_read_entropy"].axhline(math.log(streams), color="grey", linestyle=":", linewidth=1)
     return fig
 
 
@@ -198,6 +186,15 @@ def mechanism_panels(probes: pd.DataFrame) -> Figure:
     if probes["e_pre_channel_std"].notna().any():
         panels.append(("e_pre_channel_std", "std of e_pre across value channels", False))
     panels.append(("k_coherence", "‖mean k̂‖ (1: one shared direction)", False))
+    return _sublayer_panels(probes, panels, log_span=20)[0]  # log: ‖k̃‖ spanning decades, e.g. heading for the ε guard
+
+
+def _sublayer_panels(
+    probes: pd.DataFrame, panels: list[tuple[str, str, bool]], log_span: float
+) -> tuple[Figure, dict[str, Axes]]:
+    """Two columns of panels (column, title, log), one line per sublayer in each, a shared
+    legend; a log panel gets a log axis where its positive values span more than ``log_span``
+    (max / min). Returns the figure and each column's axes."""
     fig = Figure(figsize=(11, 2.6 * math.ceil(len(panels) / 2)), layout="constrained")
     axes = fig.subplots(math.ceil(len(panels) / 2), 2, squeeze=False).flatten()
     for ax, (col, title, log) in zip(axes, panels, strict=False):
@@ -205,13 +202,13 @@ def mechanism_panels(probes: pd.DataFrame) -> Figure:
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
         values = probes[col].dropna()
-        if log and len(values) and values.min() > 0 and values.max() / values.min() > 20:
-            ax.set_yscale("log")  # ‖k̃‖ spanning decades, e.g. heading for the ε guard
+        if log and len(values) and values.min() > 0 and values.max() / values.min() > log_span:
+            ax.set_yscale("log")
     for ax in axes[len(panels) :]:
         ax.set_visible(False)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside right upper", fontsize=7, title="sublayer", title_fontsize=8)
-    return fig
+    return fig, {col: ax for ax, (col, _, _) in zip(axes, panels, strict=False)}
 
 
 def _smooth(values: pd.Series, points: int) -> pd.Series:
