@@ -260,7 +260,10 @@ COLUMNS = (
 )
 
 
-def format_table(rows: list[dict]) -> str:
+def format_table(rows: list[dict], columns: tuple[tuple[str, str, str], ...] = COLUMNS) -> str:
+    """A markdown table of ``rows`` (``columns``: key, heading, format; ``params`` shown in millions);
+    a row with an ``error`` shows it in place of its figures."""
+
     def cell(r: dict, key: str, fmt: str) -> str:
         if "error" in r and key not in ("variant", "seq"):
             return r["error"] if key == "params" else ""
@@ -269,11 +272,21 @@ def format_table(rows: list[dict]) -> str:
             return "-"
         return fmt.format(value / 1e6 if key == "params" else value)
 
-    table = [[head for _, head, _ in COLUMNS]] + [[cell(r, k, f) for k, _, f in COLUMNS] for r in rows]
-    widths = [max(len(line[i]) for line in table) for i in range(len(COLUMNS))]
+    table = [[head for _, head, _ in columns]] + [[cell(r, k, f) for k, _, f in columns] for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) + " |" for line in table]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines)
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+    """The rows as CSV, every key any row has as a column."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def apply_tune(item: str) -> None:
@@ -401,12 +414,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     add_ratios(rows)
     print(format_table(rows), flush=True)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        keys = list(dict.fromkeys(k for r in rows for k in r))
-        with open(args.out, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=keys)
-            writer.writeheader()
-            writer.writerows(rows)
+        write_rows(args.out, rows)
     return rows
 
 

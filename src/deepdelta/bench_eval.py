@@ -23,7 +23,6 @@ that a run cut short keeps the rows it finished).
 from __future__ import annotations
 
 import argparse
-import csv
 import gc
 import random
 import sys
@@ -36,7 +35,7 @@ from typing import Any
 
 import torch
 
-from deepdelta.bench import variant_overrides
+from deepdelta.bench import format_table, variant_overrides, write_rows
 from deepdelta.model import DeltaTransformer, ModelConfig
 
 DEFAULT_VARIANTS = ("additive", "ddl-dv1", "ddl-cc-ec-dv4", "ddl-tc-ec-dv4", "hc-dv4", "mhc-dv4")
@@ -147,29 +146,6 @@ COLUMNS = (
 )
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
-    def cell(r: dict[str, Any], key: str, fmt: str) -> str:
-        if "error" in r and key != "variant":
-            return r["error"] if key == "params" else ""
-        value = r.get(key)
-        return "-" if value is None else fmt.format(value / 1e6 if key == "params" else value)
-
-    table = [[head for _, head, _ in COLUMNS]] + [[cell(r, k, f) for k, _, f in COLUMNS] for r in rows]
-    widths = [max(len(line[i]) for line in table) for i in range(len(COLUMNS))]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) + " |" for line in table]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines)
-
-
-def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m deepdelta.bench_eval", description=__doc__.split("\n\n")[0])
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help="comma-separated variant names")
@@ -251,12 +227,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                 row = dict(variant=name, error=type(e).__name__)
             rows.append(row)
             if args.out:  # after every row: a run cut short by a timeout keeps the rows it finished
-                write_csv(args.out, rows)
+                write_rows(args.out, rows)
             del model
             gc.collect()
             if gpu:
                 torch.cuda.empty_cache()
-    print(format_table(rows), flush=True)
+    print(format_table(rows, COLUMNS), flush=True)
     return rows
 
 
