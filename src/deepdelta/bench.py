@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from deepdelta.model import DeltaTransformer, ModelConfig, flops_per_token
+from deepdelta.model.config import HYPER
 from deepdelta.model.fastpath import compile_model, configure_torch, make_optimizer, make_train_step
 
 # Variants by name: ModelConfig overrides. In names, "cc"/"tc" is the compressor, "ec" the
@@ -77,7 +78,7 @@ def variant_overrides(name: str) -> dict:
     if not m:
         raise ValueError(f"variant: got {name!r}, allowed: one of {', '.join(VARIANTS)} or {GRAMMAR}")
     residual, static, compressor, expand, dv, kernel, bf16 = m.groups()
-    hyper = residual in ("hc", "mhc")
+    hyper = residual in HYPER
     if static and not hyper:
         raise ValueError(f"variant: got {name!r}, allowed: -static with hc or mhc only (their hc_dynamic=false)")
     if hyper and compressor:

@@ -22,9 +22,8 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from deepdelta.analysis.mechanism import read_probes
-from deepdelta.model.config import IMPLS, ModelConfig
+from deepdelta.model.config import HYPER, IMPLS, ModelConfig
 
-HYPER = ("hc", "mhc")  # the Hyper-Connection rules, as deepdelta.model.residual.HYPER
 # Config keys that do not change what is trained (where outputs go, how it is logged).
 IGNORED_PREFIXES = ("seed", "data.seed", "paths.", "logger.", "callbacks.", "hydra.", "tags", "project", "ckpt_path",
                     "eval.")  # fmt: skip

@@ -39,7 +39,7 @@ from lightning.pytorch.loggers import WandbLogger
 
 from deepdelta.analysis.mechanism import COLUMNS, MIX_COLUMNS, mixing_stats, probe_stats, read_probes, rows_to_metrics
 from deepdelta.loggers import keep_rows_before
-from deepdelta.model.residual import HYPER
+from deepdelta.model.config import HYPER
 
 log = logging.getLogger(__name__)
 

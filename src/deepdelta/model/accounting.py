@@ -12,14 +12,14 @@ from __future__ import annotations
 
 from torch import nn
 
-from deepdelta.model.config import ModelConfig
+from deepdelta.model.config import HYPER, ModelConfig
 
 
 def matmul_weights(cfg: ModelConfig) -> int:
     """Weights used in matrix products per token, LM head included."""
     d, L = cfg.d_model, cfg.n_layer
     per_layer = 4 * d * d + 3 * d * cfg.mlp_hidden
-    if cfg.residual in ("hc", "mhc"):  # the dynamic weights: per stream d×(n+2) (hc), n·d×(n²+2n) (mhc)
+    if cfg.residual in HYPER:  # the dynamic weights: per stream d×(n+2) (hc), n·d×(n²+2n) (mhc)
         n = cfg.dv
         per_layer += 2 * (0 if not cfg.hc_dynamic else n * d * (n + 2) if cfg.residual == "hc" else n * d * n * (n + 2))
     elif cfg.residual != "additive":
@@ -36,7 +36,7 @@ def state_flops(cfg: ModelConfig) -> int:
     hyper = 2 * d * dv + 2 * d * dv * dv + 2 * d * dv  # read, mix, write
     rule = {"additive": d * dv, "ddl": 3 * d + 6 * d * dv, "write_only": 3 * d + 3 * d * dv, "hc": hyper, "mhc": hyper}
     rule = rule[cfg.residual]
-    if cfg.residual in ("hc", "mhc"):  # no block compressor; the readout sums the streams (d·dv)
+    if cfg.residual in HYPER:  # no block compressor; the readout sums the streams (d·dv)
         return (2 * K * d * dv if dv > 1 and cfg.expand == "conv" else 0) + 2 * cfg.n_layer * rule + d * dv
     expand = 2 * K * d * dv if dv > 1 and cfg.expand == "conv" else 0
     return expand + 2 * cfg.n_layer * (compress + rule) + compress

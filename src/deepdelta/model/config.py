@@ -6,7 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-RESIDUALS = ("additive", "ddl", "write_only", "hc", "mhc")
+HYPER = ("hc", "mhc")  # the Hyper-Connection rules (docs/hyper_connections.md)
+RESIDUALS = ("additive", "ddl", "write_only", *HYPER)
 MAPS = ("k", "v")
 COMPRESSORS = ("cc", "tc")
 COMPRESSOR_ALIASES = {"ec": "tc"}  # "EC along tokens", an earlier revision's name for tc
@@ -176,7 +177,7 @@ class ModelConfig:
             errs.append(f"hc_dynamic: got {self.hc_dynamic!r}, allowed: true | false")
         if not (isinstance(self.mhc_init_eps, (int, float)) and 0 < self.mhc_init_eps < 1):
             errs.append(f"mhc_init_eps: got {self.mhc_init_eps!r}, allowed: a number in (0, 1)")
-        if self.residual in ("hc", "mhc") and self.kernel == "fused":
+        if self.residual in HYPER and self.kernel == "fused":
             errs.append(
                 f"kernel: got 'fused' with residual={self.residual!r}, allowed: 'plain' "
                 "(the fused kernel implements the ddl and write_only updates only)"

@@ -128,7 +128,6 @@ class ResidualRule(nn.Module):
 
 
 # -- Hyper-Connections (residual=hc) and mHC (residual=mhc): docs/hyper_connections.md ----------
-HYPER = ("hc", "mhc")
 
 
 def sinkhorn(logits: Tensor, iters: int) -> Tensor:

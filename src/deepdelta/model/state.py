@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deepdelta.model import ops
-from deepdelta.model.config import ModelConfig
+from deepdelta.model.config import HYPER, ModelConfig
 
 
 def causal_token_conv(x: Tensor, weight: Tensor) -> Tensor:
@@ -91,7 +91,7 @@ class Compress(nn.Module):
         super().__init__()
         self.dv = cfg.dv
         # hc/mhc: only the final readout is a Compress, and it sums the streams (HC §2.1)
-        self.kind = "sum" if cfg.residual in ("hc", "mhc") else cfg.compressor if cfg.dv > 1 else "none"
+        self.kind = "sum" if cfg.residual in HYPER else cfg.compressor if cfg.dv > 1 else "none"
         self.toeplitz = self.kind == "cc" and cfg.cc_form == "toeplitz"
         if self.kind == "cc" and not self.toeplitz:
             self.mix = nn.Parameter(torch.full((cfg.d_model, cfg.dv), 1.0 / cfg.dv))

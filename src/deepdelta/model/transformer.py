@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deepdelta.model import ops
-from deepdelta.model.config import ModelConfig
+from deepdelta.model.config import HYPER, ModelConfig
 from deepdelta.model.loss import linear_cross_entropy
-from deepdelta.model.residual import HYPER, Gate, HyperConnection, ResidualRule, make_rule
+from deepdelta.model.residual import Gate, HyperConnection, ResidualRule, make_rule
 from deepdelta.model.state import Compress, Expand
 
 
