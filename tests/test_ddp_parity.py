@@ -173,7 +173,9 @@ def test_ddp_matches_one_gpu(parity_runs, config):
     print(json.dumps(figures))
     out = os.environ.get("PARITY_OUT")
     if out:
-        (Path(out) / f"{config}_figures.json").write_text(json.dumps(figures, indent=1))
+        # with each step's loss difference from the 2 × 16 run: a bug shows as a jump, chaos as a slow drift
+        delta = {name: [round(float(v), 6) for v in loss[name] - loss["gpu_16x2"]] for name in mean_abs}
+        (Path(out) / f"{config}_figures.json").write_text(json.dumps({**figures, "loss_delta": delta}))
     # the figures as a string: pytest cuts a dict in an assertion message short
     assert grad_ddp <= 2 * grad_spread, json.dumps(figures)
     assert loss_ddp <= 2 * loss_spread + 1e-4, json.dumps(figures)
