@@ -1,9 +1,7 @@
-"""Scale-out: DDP over 2 CPU processes (gloo) and sweeps through submitit, via the real CLI."""
+"""Scale-out: the global batch plan, DDP jobs inside a multirun and sweeps through submitit, via the real CLI.
+(DDP over 2 CPU processes against one process: tests/test_scaling.py.)"""
 
 from __future__ import annotations
-
-import json
-import os
 
 import pandas as pd
 import pytest
@@ -35,42 +33,6 @@ def test_global_batch_plan(global_batch, micro, world, expected):
 def test_global_batch_must_split_over_devices():
     with pytest.raises(ValueError, match="global_batch: got 7, allowed: a positive multiple of the world size 2"):
         plan_batch(7, 4, 2)
-
-
-def _rows(run_dir, rank):
-    lines = (run_dir / "rec" / f"batches_rank{rank}.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines]
-
-
-@pytest.mark.slow
-def test_ddp_two_cpu_processes_match_single_process(cli, tmp_path, monkeypatch):
-    monkeypatch.setenv("PYTHONPATH", str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    record = "+callbacks.rec._target_=tests.recorders.RecordBatches"
-    ddp = tmp_path / "ddp"
-    cli(*SMALL, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
-        "global_batch=8", "data.batch_size=4", "logger=csv", record, f"+callbacks.rec.path={ddp / 'rec'}",
-        f"hydra.run.dir={ddp}")  # fmt: skip
-    single = tmp_path / "single"
-    cli(*SMALL, "global_batch=8", "data.batch_size=4", "logger=csv", record, f"+callbacks.rec.path={single / 'rec'}",
-        f"hydra.run.dir={single}")  # fmt: skip
-
-    rank0, rank1 = _rows(ddp, 0), _rows(ddp, 1)
-    seen0 = {r for b in rank0 for r in b["rows"]}
-    seen1 = {r for b in rank1 for r in b["rows"]}
-    assert len(rank0) == len(rank1) == 6 and not seen0 & seen1  # every step, disjoint windows
-    # the same global batches: single process accumulates 2 micro-batches of 4 per step
-    solo = _rows(single, 0)
-    assert len(solo) == 12
-    for step in range(6):
-        both = set(rank0[step]["rows"]) | set(rank1[step]["rows"])
-        assert both == set(solo[2 * step]["rows"] + solo[2 * step + 1]["rows"])
-
-    m_ddp = pd.read_csv(ddp / "csv" / "metrics.csv")
-    m_one = pd.read_csv(single / "csv" / "metrics.csv")
-    for col in ["val/loss", "train/tokens"]:
-        a, b = m_ddp[col].dropna().to_numpy(), m_one[col].dropna().to_numpy()
-        assert len(a) == len(b) > 0 and a == pytest.approx(b, rel=1e-4), col
-    assert json.loads((ddp / "summary.json").read_text())["status"] == "finished"
 
 
 @pytest.mark.slow

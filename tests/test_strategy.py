@@ -1,5 +1,5 @@
 """trainer=ddp: Lightning's DDP with DDP built on the training stream and whole compiled blocks
-(deepdelta.distributed; measured in docs/benchmarks.md). The 2-process runs are in test_distributed.py."""
+(deepdelta.distributed; measured in docs/benchmarks.md). The 2-process runs: test_scaling.py, test_distributed.py."""
 
 from __future__ import annotations
 

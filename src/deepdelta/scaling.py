@@ -8,12 +8,16 @@ the ThroughputMonitor's global figure. ``--repeat R`` runs each configuration R 
 1-GPU run, then a DDP run, R times over; at least two 1-GPU runs) and reports the speed-up
 and the final validation-loss gap as the median over the R pairs, beside the spread between
 two 1-GPU runs of the same configuration: the loss gap means something only against it
-(compiled bf16 training is not bitwise reproducible, docs/benchmarks.md).
+(compiled bf16 training is not bitwise reproducible, docs/benchmarks.md). ``--profile`` also
+profiles a few steps of each run between the first validation and the measured second half
+(`deepdelta.callbacks.profile`) and prints where a micro-batch's GPU time goes: compute, optimizer,
+communication and the part of it no kernel hides, idle.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 import subprocess
@@ -60,8 +64,16 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="also: 1 GPU without accumulation, and both runs not compiled (finds where losses part)",
     )
+    p.add_argument(
+        "--profile", action="store_true", help="profile a few steps of each run: where a micro-batch's GPU time goes"
+    )
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides for both runs")
     a = p.parse_args(argv)
+    # the profiled steps: after the first validation (steps // 4), before the measured second half
+    window = (a.steps // 4 + 1, min(5, a.steps // 4 - 1))
+    if a.profile and window[1] < 1:
+        p.exit(2, f"error: --profile needs --steps of at least 8 (got {a.steps}): it profiles steps between the "
+                  "first validation and the measured second half\n")  # fmt: skip
     import torch
 
     # a missing GPU is the user's setup, not a crash: say so before any run (trainer.accelerator=cpu: the CPU test)
@@ -79,10 +91,20 @@ def main(argv: list[str] | None = None) -> None:
     ]  # fmt: skip
     a.out = a.out or Path("outputs/scaling") / time.strftime("%Y-%m-%d_%H-%M-%S")
     results = []  # (label, kind, tok/s, val loss by step)
+    profiled = []  # (label, run directory)
     for name, label, extra, world, kind in plan(a.gpus, a.micro, a.repeat, a.diagnose):
-        run_cli([*common, *extra, f"hydra.run.dir={a.out / name}"])
+        prof = []
+        if a.profile:
+            prof = [f"+callbacks.step_profile.{k}={v}" for k, v in
+                    [("_target_", "deepdelta.callbacks.profile.StepProfile"), ("start", window[0]),
+                     ("steps", window[1]), ("path", a.out / name / "profile")]]  # fmt: skip
+            profiled.append((label, a.out / name / "profile"))
+        run_cli([*common, *extra, *prof, f"hydra.run.dir={a.out / name}"])
         results.append((label, kind, *throughput(a.out / name, world)))
+        print(f"-> {label}: {results[-1][2]:,.0f} tok/s, final val loss {_final(results[-1][3]):.4f}", flush=True)
     print_tables(results)
+    if profiled:
+        print_profiles(profiled, window)
 
 
 def plan(n: int, m: int, repeat: int = 1, diagnose: bool = False) -> list[tuple[str, str, list[str], int, str]]:
@@ -147,6 +169,22 @@ def print_tables(results: list[tuple[str, str, float, pd.Series]]) -> None:
     print("\n| step | " + " | ".join(r[0] for r in results) + " |\n|" + " --- |" * (len(results) + 1))
     for step in results[0][3].index:
         print(f"| {step} | " + " | ".join(f"{r[3].get(step, float('nan')):.4f}" for r in results) + " |")
+
+
+PROFILE_COLUMNS = ("wall", "busy", "compute", "optimizer", "communication", "communication_exposed", "idle")
+
+
+def print_profiles(profiled: list[tuple[str, Path]], window: tuple[int, int]) -> None:
+    """Each run's (and each DDP rank's) milliseconds per micro-batch, from its `StepProfile` files."""
+    head = " | ".join(c.replace("_", " ") for c in PROFILE_COLUMNS)
+    rule = " --- |" * (len(PROFILE_COLUMNS) + 1)
+    print(f"\n| ms per micro-batch, steps {window[0]}–{sum(window) - 1} | {head} |\n|{rule}")
+    for label, path in profiled:
+        for f in sorted(path.glob("profile_rank*.json")):
+            r = json.loads(f.read_text())
+            who = f"{label}, rank {r['rank']}" if r["world"] > 1 else label
+            cells = [f"{r[c + '_ms']:.2f}" if r["kernels"] or c == "wall" else "–" for c in PROFILE_COLUMNS]
+            print(f"| {who} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
