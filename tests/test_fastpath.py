@@ -85,13 +85,19 @@ def _assert_grads_close(got: dict, want: dict, tol: float, baseline: dict | None
 @pytest.mark.slow
 @pytest.mark.parametrize("regional", [True, False])
 def test_compiled_model_matches_eager_cpu(regional):
-    cfg = ModelConfig.preset("tiny", n_layer=2, residual="ddl", dv=4, compressor="tc", expand="conv")
+    # Regional compiling builds one block graph whatever the depth; the whole-model graph unrolls
+    # every layer, so it gets one (the state still flows expand → block → head).
+    cfg = ModelConfig.preset("tiny", n_layer=2 if regional else 1, residual="ddl", dv=4, compressor="tc", expand="conv")
     eager = _perturbed(cfg)
     compiled = copy.deepcopy(eager)
     fn = compile_model(compiled, regional=regional)
     idx, targets = torch.randint(0, cfg.vocab_size, (2, 2, 48)).unbind(0)
     loss_e, grads_e = _loss_and_grads(eager, eager.loss, idx, targets)
-    loss_c, grads_c = _loss_and_grads(compiled, fn, idx, targets)
+    # Scalar C++ kernels: the graphs, decompositions, fusions and the forward/backward split are
+    # Inductor's either way; its AVX code is what costs a cold cache here (35 s against 60 s a
+    # case on 2 cores), and the GPU tests below check the Triton code that training runs.
+    with torch._inductor.config.patch({"cpp.vec_isa_ok": False}):
+        loss_c, grads_c = _loss_and_grads(compiled, fn, idx, targets)
     torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-5)
     _assert_grads_close(grads_c, grads_e, 1e-4)
 
