@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# The next DDP call (nvidia-h200-x2), from the repo root with the wheels installed and PYTHONPATH=src:/tmp/site:
-# `make bench-ddp ARGS="--repeat 3 --profile"` alone on the host (~8 min), its log written to $OUT as it runs
-# (each run prints its tok/s and final loss when it ends), then the run directories' metrics and profiles.
+# The next DDP calls (nvidia-h200-x2), from the repo root with the wheels installed and PYTHONPATH=src:/tmp/site:
+#   bash results/ddp/bench_ddp_profile.sh                                   # make bench-ddp ARGS="--repeat 3 --profile", ~8 min
+#   bash results/ddp/bench_ddp_profile.sh --repeat 1 '~callbacks.divergence' # the same without the guard's host sync, ~4 min
+# The log is written to $OUT as it runs (each run prints its tok/s and final loss when it ends), then the run
+# directories' metrics and profiles (no checkpoints).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 DEEPDELTA_CACHE=/tmp/ddcache WANDB_MODE=offline
-timeout ${BUDGET:-540} python3 -m deepdelta.scaling --gpus 2 --steps 120 --repeat 3 --profile --out /tmp/scal \
-  > $OUT/scaling.log 2>&1
+[ $# -gt 0 ] || set -- --repeat 3
+out=/tmp/scal_$(date +%H%M%S)
+timeout ${BUDGET:-540} python3 -m deepdelta.scaling --gpus 2 --steps 120 --profile --out $out "$@" > $OUT/scaling.log 2>&1
 echo "scaling exit $?" >> $OUT/scaling.log
-tar czf $OUT/scaling_runs.tgz --exclude=checkpoints --exclude=wandb --exclude='*.ckpt*' -C /tmp scal 2>/dev/null
+tar czf $OUT/scaling_runs.tgz --exclude=checkpoints --exclude=wandb --exclude='*.ckpt*' -C /tmp $(basename $out) 2>/dev/null
 grep -E '^-> |^\| ' $OUT/scaling.log | tail -40
