@@ -51,19 +51,18 @@ def test_scaling_prints_speedup_matching_losses_and_profiles(tmp_path, capsys, m
         assert len(a) == len(b) > 0 and a == pytest.approx(b, rel=1e-4), col
     assert json.loads((ddp / "summary.json").read_text())["status"] == "finished"
 
-    # --profile: step 3 (after the first validation, before the measured half) of every run and rank;
-    # on CPU there is no device timeline, so only the wall time is a figure
+    # --profile: steps 3–7 of every run and rank; on CPU there is no device timeline, so only the wall time is a figure
     runs = r"1 GPU, 2 × 2 accumulated|2 GPUs DDP, 2 × 2, rank [01]|1 GPU again"
     profiled = re.findall(rf"^\| ({runs}) \| ([\d.]+) \| – \|", out, re.M)
     assert [p[0] for p in profiled] == ["1 GPU, 2 × 2 accumulated", "2 GPUs DDP, 2 × 2, rank 0",
                                         "2 GPUs DDP, 2 × 2, rank 1", "1 GPU again"], out[-1500:]  # fmt: skip
     record = json.loads((one / "profile" / "profile_rank0.json").read_text())
-    assert (record["start_step"], record["micro_batches"], record["kernels"]) == (3, 2, 0)
+    assert (record["start_step"], record["micro_batches"], record["kernels"]) == (3, 10, 0)  # 5 steps of 2
     assert all(float(p[1]) > 0 for p in profiled)
 
 
-def test_profile_needs_room_between_the_first_validation_and_the_measured_half(capsys):
+def test_profile_needs_the_steps_it_profiles(capsys):
     with pytest.raises(SystemExit) as e:
         scaling.main(["--steps", "7", "--profile"])
     assert e.value.code == 2
-    assert "--profile needs --steps of at least 8 (got 7)" in capsys.readouterr().err
+    assert "--profile needs --steps of at least 8 (got 7): it profiles steps 3–7" in capsys.readouterr().err

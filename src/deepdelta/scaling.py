@@ -9,9 +9,8 @@ the ThroughputMonitor's global figure. ``--repeat R`` runs each configuration R 
 and the final validation-loss gap as the median over the R pairs, beside the spread between
 two 1-GPU runs of the same configuration: the loss gap means something only against it
 (compiled bf16 training is not bitwise reproducible, docs/benchmarks.md). ``--profile`` also
-profiles a few steps of each run between the first validation and the measured second half
-(`deepdelta.callbacks.profile`) and prints where a micro-batch's GPU time goes: compute, optimizer,
-communication and the part of it no kernel hides, idle.
+profiles steps 3–7 of each run (`deepdelta.callbacks.profile`) and prints where a micro-batch's GPU
+time goes: compute, optimizer, communication and the part of it no kernel hides, idle.
 """
 
 from __future__ import annotations
@@ -28,6 +27,9 @@ from pathlib import Path
 import pandas as pd
 
 TRAIN = Path(__file__).resolve().parents[1] / "train.py"
+# --profile: (first step, steps). Compiled by then; and out of the rates the table reads when --steps >= 96:
+# those are over the last 5 logged points (every 10 steps) at or after the second half, so from step steps/2 - 40 on
+PROFILED = (3, 5)
 
 
 def run_cli(overrides: list[str]) -> None:
@@ -69,11 +71,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides for both runs")
     a = p.parse_args(argv)
-    # the profiled steps: after the first validation (steps // 4), before the measured second half
-    window = (a.steps // 4 + 1, min(5, a.steps // 4 - 1))
-    if a.profile and window[1] < 1:
-        p.exit(2, f"error: --profile needs --steps of at least 8 (got {a.steps}): it profiles steps between the "
-                  "first validation and the measured second half\n")  # fmt: skip
+    if a.profile and a.steps < sum(PROFILED):
+        p.exit(2, f"error: --profile needs --steps of at least {sum(PROFILED)} (got {a.steps}): it profiles steps "
+                  f"{PROFILED[0]}–{sum(PROFILED) - 1}\n")  # fmt: skip
+    if a.profile and a.steps < 96:
+        print(f"note: with --steps {a.steps} (< 96) the tok/s read include the profiled steps", flush=True)
     import torch
 
     # a missing GPU is the user's setup, not a crash: say so before any run (trainer.accelerator=cpu: the CPU test)
@@ -96,15 +98,15 @@ def main(argv: list[str] | None = None) -> None:
         prof = []
         if a.profile:
             prof = [f"+callbacks.step_profile.{k}={v}" for k, v in
-                    [("_target_", "deepdelta.callbacks.profile.StepProfile"), ("start", window[0]),
-                     ("steps", window[1]), ("path", a.out / name / "profile")]]  # fmt: skip
+                    [("_target_", "deepdelta.callbacks.profile.StepProfile"), ("start", PROFILED[0]),
+                     ("steps", PROFILED[1]), ("path", a.out / name / "profile")]]  # fmt: skip
             profiled.append((label, a.out / name / "profile"))
         run_cli([*common, *extra, *prof, f"hydra.run.dir={a.out / name}"])
         results.append((label, kind, *throughput(a.out / name, world)))
         print(f"-> {label}: {results[-1][2]:,.0f} tok/s, final val loss {_final(results[-1][3]):.4f}", flush=True)
     print_tables(results)
     if profiled:
-        print_profiles(profiled, window)
+        print_profiles(profiled)
 
 
 def plan(n: int, m: int, repeat: int = 1, diagnose: bool = False) -> list[tuple[str, str, list[str], int, str]]:
@@ -174,11 +176,11 @@ def print_tables(results: list[tuple[str, str, float, pd.Series]]) -> None:
 PROFILE_COLUMNS = ("wall", "busy", "compute", "optimizer", "communication", "communication_exposed", "idle")
 
 
-def print_profiles(profiled: list[tuple[str, Path]], window: tuple[int, int]) -> None:
+def print_profiles(profiled: list[tuple[str, Path]]) -> None:
     """Each run's (and each DDP rank's) milliseconds per micro-batch, from its `StepProfile` files."""
     head = " | ".join(c.replace("_", " ") for c in PROFILE_COLUMNS)
     rule = " --- |" * (len(PROFILE_COLUMNS) + 1)
-    print(f"\n| ms per micro-batch, steps {window[0]}–{sum(window) - 1} | {head} |\n|{rule}")
+    print(f"\n| ms per micro-batch, steps {PROFILED[0]}–{sum(PROFILED) - 1} | {head} |\n|{rule}")
     for label, path in profiled:
         for f in sorted(path.glob("profile_rank*.json")):
             r = json.loads(f.read_text())
