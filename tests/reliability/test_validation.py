@@ -51,6 +51,7 @@ BAD = [
     (["data=text", "data.paths=[/nonexistent/*.txt]"], "data: source=text: the glob '/nonexistent/*.txt' matches no"),
     (["ckpt_path=/nonexistent.ckpt"], "ckpt_path: got '/nonexistent.ckpt', allowed: null, 'last'"),
     (["callbacks.divergence.max_skips=-1"], "callbacks.divergence.max_skips: got -1, allowed: an integer >= 0"),
+    (["callbacks.divergence.sync=maybe"], "callbacks.divergence.sync: got 'maybe', allowed: true | false"),
     (
         ["callbacks.model_checkpoint.every_n_train_steps=-5"],
         "callbacks.model_checkpoint.every_n_train_steps: got -5, allowed: an integer >= 0",
