@@ -182,8 +182,7 @@ def problems(cfg: DictConfig, run_dir: Path | None = None, multirun: bool = Fals
         c.integer("callbacks.model_checkpoint.every_n_train_steps", 0, extra=" (0: only at the end)", optional=True)
     if c.get("callbacks.divergence", None) not in (None, _UNSET):
         c.integer("callbacks.divergence.max_skips", 0)
-        if c.get("callbacks.divergence.sync", None) is not None:  # configs from before the option have none
-            c.boolean("callbacks.divergence.sync")
+        c.boolean("callbacks.divergence.sync")  # absent in configs from before the option: fine
     ckpt = c.get("ckpt_path", None)
     if ckpt not in (None, "last", _UNSET) and not Path(str(ckpt)).is_file():
         c.bad("ckpt_path", ckpt, "null, 'last' (the newest checkpoint of this run's directory) or an existing file")
