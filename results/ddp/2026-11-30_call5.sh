@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Device calls 5, 6 and 7 of 2026-11-30 (nvidia-h200-x2), from the repo root with the wheels installed and
+# Device calls 5, 6, 7, 8 and 10 of 2026-11-30 (nvidia-h200-x2), from the repo root with the wheels installed and
 # PYTHONPATH=src:/tmp/site: the 2-GPU parity test (tests/test_ddp_parity.py, marker gpu2) run after run.
 # KINDS lists the runs: "cold" gives a run an empty Inductor cache of its own, "warm" reuses the last one.
 # Used as: BUDGET=545 KINDS="cold warm warm warm cold" bash ...; then FIRST=5 KINDS="cold warm warm warm warm"; then FIRST=10
-# KINDS="cold warm warm cold warm" (the final form of the test). Next: FIRST=14 KINDS="cold warm warm warm warm warm".
+# KINDS="cold warm warm cold warm" (the final form of the test); then FIRST=14 BUDGET=555 KINDS="cold warm warm warm warm warm"
+# (runs 14-18, the sixth cut by the budget); then FIRST=19 BUDGET=200 KINDS=warm, whose cache directory did not exist (cold).
 # Each run's figures (JSON, with the per-step loss differences) are appended to $OUT/parity.txt as it ends.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 DEEPDELTA_CACHE=/tmp/ddcache WANDB_MODE=offline

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The next DDP calls (nvidia-h200-x2), from the repo root with the wheels installed and PYTHONPATH=src:/tmp/site:
-#   bash results/ddp/bench_ddp_profile.sh                                   # make bench-ddp ARGS="--repeat 3 --profile", ~8 min
+# DDP calls 9 and 10 of 2026-11-30 (nvidia-h200-x2), from the repo root with the wheels installed and PYTHONPATH=src:/tmp/site:
+#   BUDGET=545 bash results/ddp/bench_ddp_profile.sh                        # make bench-ddp ARGS="--repeat 3 --profile", 342 s
 #   bash results/ddp/bench_ddp_profile.sh --repeat 1 callbacks.divergence.sync=false   # the guard without its host sync, ~4 min
 #   bash results/ddp/bench_ddp_profile.sh --repeat 1 '~callbacks.divergence'           # no guard at all (the bound), ~4 min
 # The log is written to $OUT as it runs (each run prints its tok/s and final loss when it ends), then the run

@@ -23,8 +23,8 @@ class DDPStrategy(LightningDDP):
     With both, the all-reduced gradients are the ones a plain all-reduce after a device
     synchronisation gives, bitwise, and no DDP option (static graph, bucket views, bucket size,
     comm hooks, buffer broadcast, unused-parameter search) changes them; on 2 × H200 they are
-    4–6e-4 from one GPU's accumulated gradients, a third of the distance between two one-GPU
-    splits of the same batch (tests/test_ddp_parity.py, docs/benchmarks.md, issue 18).
+    0–6.6e-4 from one GPU's accumulated gradients, against 1.7–2.0e-3 between two one-GPU splits
+    of the same batch (tests/test_ddp_parity.py, 10 runs; docs/benchmarks.md, issue 18).
     """
 
     def __init__(self, side_stream: bool = False, split_graphs: bool = True, **kwargs: Any):
