@@ -22,8 +22,8 @@ Why 24 steps: the losses are compared where the trajectories are not chaotic. In
 alike and in all three configurations, stayed within 2.6e-4 of the 2 × 16 run up to step 24 and
 parted from it at steps 25–42 (as warm-up nears the peak rate), by up to 2e-2. Over 50 steps
 the verdict was a draw between chaotic samples (one of 27 failed, a one-GPU pair having parted
-less than DDP by chance); over the first 25 steps DDP's mean |ΔL| was 0.44–1.40 times the
-one-GPU spread, at least 3× inside the bound, in all 27.
+less than DDP by chance); over the first 24 steps DDP's mean |ΔL| was 0.46–1.43 times the
+one-GPU spread, at most 0.31 of the bound, in all 27.
 
     pytest -m gpu2 tests/test_ddp_parity.py -s        # on a machine with 2 GPUs
 
